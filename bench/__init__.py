@@ -1,0 +1,1 @@
+"""Benchmarks of the ingest gateway; see bench/README.md."""

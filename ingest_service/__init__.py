@@ -1,0 +1,1 @@
+"""WellTegra ingest gateway: the cloud half of the one-way connector."""

@@ -1,0 +1,239 @@
+"""``welltegra-ingest``: run the gateway and administer it.
+
+    welltegra-ingest serve [--config FILE] [--data-dir DIR] [--grpc-listen HOST:PORT] [--dev] ...
+    welltegra-ingest tenants create NAME | tenants list
+    welltegra-ingest token mint --tenant NAME [--scope S ...] [--ttl 1h]
+
+Without ``DATABASE_URL``/``REDIS_URL`` (or their flags and config keys) the gateway starts a real
+PostgreSQL and Redis from pip-installed wheels under the data directory; the admin commands
+attach to those while ``serve`` runs, or start them for the command's duration.
+
+Errors a user can fix (bad flags or config, an unreachable database, a port in use) are printed
+as one line and exit with status 2; nothing else here calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ingest_service.config import (
+    DEV_ISSUER,
+    ConfigError,
+    GatewayConfig,
+    load_config,
+    parse_duration,
+)
+from ingest_service.devkeys import DevSigningKey
+from ingest_service.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
+from ingest_service.errors import GatewayError
+from ingest_service.server import Gateway, ListenError
+from ingest_service.storage import DatabaseUnreachable, Storage
+
+__all__ = ["main"]
+
+log = logging.getLogger("welltegra_ingest")
+
+
+class UsageError(Exception):
+    """A problem the user fixes by changing the command line or configuration."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML configuration file")
+    parser.add_argument("--data-dir", type=Path, help="data directory (default ./.welltegra)")
+    parser.add_argument(
+        "--database-url", help="PostgreSQL URL (default: env DATABASE_URL, else embedded)"
+    )
+    parser.add_argument("--redis-url", help="Redis URL (default: env REDIS_URL, else embedded)")
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        default=None,
+        help="trust the local development signing key in the data directory",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="welltegra-ingest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the ingest gateway")
+    _common(serve)
+    serve.add_argument(
+        "--grpc-listen", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:50051)"
+    )
+    serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for the gRPC port")
+    serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    serve.add_argument("--jwks-url", help="JWKS URL of the token issuer")
+    serve.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        help="trusted issuer public key (PEM); repeatable",
+    )
+    serve.add_argument("--issuer", help="expected token issuer (iss)")
+    serve.add_argument("--audience", help="expected token audience (aud)")
+
+    tenants = commands.add_parser("tenants", help="manage tenants")
+    tenant_commands = tenants.add_subparsers(dest="tenant_command", required=True)
+    create = tenant_commands.add_parser("create", help="provision a tenant and its schema")
+    _common(create)
+    create.add_argument("name", help="tenant id, e.g. operator_shell_uk")
+    listing = tenant_commands.add_parser("list", help="list provisioned tenants")
+    _common(listing)
+
+    token = commands.add_parser("token", help="development access tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    mint = token_commands.add_parser("mint", help="print a token signed with the development key")
+    _common(mint)
+    mint.add_argument("--tenant", required=True)
+    mint.add_argument(
+        "--scope", action="append", help="scope to grant (default api:ingest); repeatable"
+    )
+    mint.add_argument("--ttl", default="1h", help="lifetime such as 15m, 1h, 1d (default 1h)")
+    mint.add_argument("--subject", default="dev-client", help="the token's sub claim")
+    return parser
+
+
+def _config(args: argparse.Namespace, **extra: Any) -> GatewayConfig:
+    """The configuration file, then the environment, then these flags."""
+    overrides: dict[str, Any] = {
+        "data_dir": args.data_dir,
+        "database_url": args.database_url,
+        "redis_url": args.redis_url,
+        "dev": args.dev,
+        **extra,
+    }
+    return load_config(args.config, overrides)
+
+
+@contextlib.contextmanager
+def _servers(config: GatewayConfig) -> Iterator[tuple[str, str | None]]:
+    """The database and Redis URLs: configured ones, else embedded servers in the data dir."""
+    with contextlib.ExitStack() as stack:
+        database_url = config.database_url
+        redis_url = config.redis_url
+        if database_url is None:
+            postgres = EmbeddedPostgres(config.data_dir)
+            stack.callback(postgres.stop)
+            database_url = postgres.start()
+        if redis_url is None:
+            redis = EmbeddedRedis(config.data_dir)
+            stack.callback(redis.stop)
+            redis_url = redis.start()
+        yield database_url, redis_url
+
+
+async def _serve(config: GatewayConfig) -> None:
+    with _servers(config) as (database_url, redis_url):
+        gateway = Gateway(config, database_url, redis_url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            port = await gateway.start()
+            host = config.grpc_listen.rpartition(":")[0]
+            print(f"welltegra-ingest: serving gRPC on {host}:{port}", flush=True)
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await gateway.stop()
+
+
+async def _with_storage(config: GatewayConfig, action: str, name: str | None) -> None:
+    with _servers(config) as (database_url, _redis_url):
+        storage = await Storage.connect(database_url, config.storage)
+        try:
+            if action == "create":
+                assert name is not None
+                created = await storage.create_tenant(name)
+                print(f"tenant {name} {'created' if created else 'already exists'}")
+            else:
+                for tenant in await storage.list_tenants():
+                    print(tenant)
+        finally:
+            await storage.close()
+
+
+def _mint(config: GatewayConfig, args: argparse.Namespace) -> None:
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        raise UsageError(f"--ttl: {exc}") from exc
+    key = DevSigningKey.load_or_create(config.dev_key_file)
+    print(
+        key.mint(
+            tenant_id=args.tenant,
+            audience=config.auth.audience,
+            scopes=args.scope or ("api:ingest",),
+            ttl_seconds=int(ttl.total_seconds()),
+            subject=args.subject,
+            tenant_claim=config.auth.tenant_claim,
+            issuer=config.issuer or DEV_ISSUER,
+        )
+    )
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "serve":
+        tls = None
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key):
+                raise UsageError("--tls-cert and --tls-key go together")
+            tls = {"cert_file": args.tls_cert, "key_file": args.tls_key}
+        config = _config(
+            args,
+            grpc_listen=args.grpc_listen,
+            tls=tls,
+            auth={
+                "jwks_url": args.jwks_url,
+                "public_key_files": args.public_key,
+                "issuer": args.issuer,
+                "audience": args.audience,
+            },
+        )
+        problem = config.token_key_problem()
+        if problem:
+            raise UsageError(problem)
+        asyncio.run(_serve(config))
+    elif args.command == "tenants":
+        asyncio.run(_with_storage(_config(args), args.tenant_command, getattr(args, "name", None)))
+    elif args.command == "token":
+        _mint(_config(args), args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        _run(args)
+    except (
+        UsageError,
+        ConfigError,
+        DatabaseUnreachable,
+        EmbeddedServerError,
+        ListenError,
+        GatewayError,
+    ) as exc:
+        print(f"welltegra-ingest: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

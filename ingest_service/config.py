@@ -1,0 +1,197 @@
+"""Gateway configuration: one typed, strict model loaded from a YAML file, the environment and
+command-line flags, in that order of increasing precedence.
+
+Every problem is reported at start, all at once, with the file and the dotted key path, so a
+mistyped key never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from ingest_service.parameters import ParameterSpec
+
+__all__ = [
+    "AuthConfig",
+    "ConfigError",
+    "Duration",
+    "GatewayConfig",
+    "StorageConfig",
+    "TlsConfig",
+    "load_config",
+    "parse_duration",
+]
+
+DEV_ISSUER = "urn:welltegra:dev-issuer"
+DEFAULT_AUDIENCE = "https://api.welltegra.com"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message lists every problem."""
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept "200ms", "5s", "2m", "1h", "7d" or a number of seconds; leave the rest to pydantic."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration such as '200ms', '5s', '2m', '1h', '7d'")
+        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(_Strict):
+    """Server-side TLS for the gRPC listener (Envoy terminates TLS 1.3 in production)."""
+
+    cert_file: Path
+    key_file: Path
+
+
+class AuthConfig(_Strict):
+    """How access tokens are verified."""
+
+    issuer: str | None = Field(
+        default=None, description="Expected `iss`; defaults to the dev issuer with --dev."
+    )
+    audience: str = DEFAULT_AUDIENCE
+    jwks_url: str | None = None
+    jwks_cache: Duration = timedelta(minutes=5)
+    public_key_files: tuple[Path, ...] = ()
+    tenant_claim: str = "tenant_id"
+    required_scope: str = "api:ingest"
+    leeway: Duration = timedelta(seconds=30)
+    algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        refused = [a for a in value if a.lower() == "none" or a.upper().startswith("HS")]
+        if refused:
+            raise ValueError(f"only asymmetric algorithms are allowed, not {refused}")
+        if not value:
+            raise ValueError("at least one algorithm is needed")
+        return value
+
+
+class StorageConfig(_Strict):
+    """PostgreSQL storage settings."""
+
+    pool_min_size: int = Field(default=2, ge=1)
+    pool_max_size: int = Field(default=10, ge=1)
+    statement_timeout: Duration = timedelta(seconds=30)
+    partitions_ahead_days: int = Field(default=2, ge=0, le=60)
+    future_tolerance: Duration = timedelta(minutes=5)
+
+
+class GatewayConfig(_Strict):
+    """Everything `welltegra-ingest serve` and the admin commands need."""
+
+    grpc_listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path(".welltegra")
+    database_url: str | None = None
+    redis_url: str | None = None
+    tls: TlsConfig | None = None
+    dev: bool = False
+    auth: AuthConfig = AuthConfig()
+    storage: StorageConfig = StorageConfig()
+    cache_ttl: Duration = timedelta(seconds=300)
+    max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    parameters: tuple[ParameterSpec, ...] = ()
+
+    @field_validator("grpc_listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT")
+        return value
+
+    def token_key_problem(self) -> str | None:
+        """Why the gateway could not verify any token, or None. Only ``serve`` needs keys; the
+        admin commands load the same file without them."""
+        if self.dev or self.auth.jwks_url or self.auth.public_key_files:
+            return None
+        return (
+            "no key to verify tokens with: set auth.jwks_url or auth.public_key_files, "
+            "or run with --dev to trust the local development key"
+        )
+
+    @property
+    def issuer(self) -> str | None:
+        """The expected token issuer: the configured one, else the dev issuer in dev mode."""
+        return self.auth.issuer or (DEV_ISSUER if self.dev else None)
+
+    @property
+    def dev_key_file(self) -> Path:
+        return self.data_dir / "dev-signing-key.pem"
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        lines.append(f"{source}: {path}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> GatewayConfig:
+    """Load the file (if any), then ``DATABASE_URL``/``REDIS_URL``, then flag ``overrides``."""
+    environ = dict(os.environ) if environ is None else environ
+    data: dict[str, Any] = {}
+    source = str(path) if path else "configuration"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data = loaded or {}
+    for key, variable in (("database_url", "DATABASE_URL"), ("redis_url", "REDIS_URL")):
+        if environ.get(variable):
+            data[key] = environ[variable]
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            # A flag overrides one key of a section, not the whole section from the file.
+            section = data.get(key)
+            merged = dict(section) if isinstance(section, dict) else {}
+            merged.update({k: v for k, v in value.items() if v is not None})
+            if merged:
+                data[key] = merged
+        elif value is not None:
+            data[key] = value
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from exc

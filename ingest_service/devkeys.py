@@ -1,0 +1,87 @@
+"""The local development signing key: tokens for the demo, tests and self-hosting without an
+identity provider.
+
+The key is an ES256 (P-256) key pair kept in the data directory (private key readable by its
+owner only). ``welltegra-ingest token mint`` signs with it; ``welltegra-ingest serve --dev``
+trusts its public half. Production trusts an identity provider's JWKS instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ingest_service.config import DEV_ISSUER
+
+__all__ = ["DevSigningKey"]
+
+
+class DevSigningKey:
+    """An ES256 key pair on disk that mints development access tokens."""
+
+    def __init__(self, private_key: ec.EllipticCurvePrivateKey, public_path: Path) -> None:
+        self._private_key = private_key
+        self.public_path = public_path
+        self.kid = public_path.stem
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> DevSigningKey:
+        """Load the key at ``path``, creating it (and its ``.pub.pem``) on first use."""
+        public_path = path.with_suffix(".pub.pem")
+        if path.exists():
+            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{path} does not hold an EC private key")
+            private_key = loaded
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            private_key = ec.generate_private_key(ec.SECP256R1())
+            pem = private_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            # Created with owner-only permissions, never world-readable even for an instant.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as file:
+                file.write(pem)
+        if not public_path.exists():
+            public_path.write_bytes(
+                private_key.public_key().public_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PublicFormat.SubjectPublicKeyInfo,
+                )
+            )
+        return cls(private_key, public_path)
+
+    def mint(
+        self,
+        tenant_id: str,
+        audience: str,
+        scopes: Iterable[str] = ("api:ingest",),
+        ttl_seconds: int = 3600,
+        subject: str = "dev-client",
+        tenant_claim: str = "tenant_id",
+        issuer: str = DEV_ISSUER,
+    ) -> str:
+        """A signed access token for ``tenant_id`` valid for ``ttl_seconds``."""
+        now = int(time.time())
+        claims = {
+            "iss": issuer,
+            "sub": subject,
+            "aud": audience,
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl_seconds,
+            "jti": secrets.token_hex(8),
+            "scope": " ".join(scopes),
+            tenant_claim: tenant_id,
+        }
+        return jwt.encode(claims, self._private_key, algorithm="ES256", headers={"kid": self.kid})

@@ -1,0 +1,179 @@
+"""The gateway process: wires the pipeline stages to a ``grpc.aio`` server with health and
+reflection, and owns their lifecycle (start, graceful stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis import asyncio as aioredis
+
+from ingest_service.audit import AuditLog
+from ingest_service.auth import AuthInterceptor, TokenVerifier
+from ingest_service.cache import LatestValueCache
+from ingest_service.config import GatewayConfig
+from ingest_service.devkeys import DevSigningKey
+from ingest_service.limits import AdmitAll
+from ingest_service.parameters import ParameterRegistry
+from ingest_service.service import SERVICE_NAME, IngestPipeline
+from ingest_service.storage import Storage
+from ingest_service.validation import Validator
+
+__all__ = ["Gateway", "ListenError"]
+
+log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_SECONDS = 2.0
+
+
+class ListenError(RuntimeError):
+    """The gRPC listener cannot bind its address."""
+
+
+class Gateway:
+    """One running gateway: storage, cache, audit and the gRPC server in front of them."""
+
+    def __init__(self, config: GatewayConfig, database_url: str, redis_url: str | None) -> None:
+        self.config = config
+        self._database_url = database_url
+        self._redis_url = redis_url
+        self._storage: Storage | None = None
+        self._cache: LatestValueCache | None = None
+        self._audit: AuditLog | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._health_task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    @property
+    def storage(self) -> Storage:
+        assert self._storage is not None, "gateway not started"
+        return self._storage
+
+    @property
+    def cache_failures(self) -> int:
+        """Batches whose latest values could not be cached (Redis away)."""
+        return self._cache.failures if self._cache is not None else 0
+
+    @property
+    def audit(self) -> AuditLog:
+        assert self._audit is not None, "gateway not started"
+        return self._audit
+
+    async def start(self) -> int:
+        """Connect to storage and cache, then listen; returns the bound port."""
+        config = self.config
+        registry = ParameterRegistry.with_extra(config.parameters)
+        self._storage = await Storage.connect(self._database_url, config.storage)
+        self._audit = AuditLog(self._storage.pool)
+        self._audit.start()
+        if self._redis_url:
+            client = aioredis.Redis.from_url(
+                self._redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+            )
+            self._cache = LatestValueCache(client, int(config.cache_ttl.total_seconds()))
+        extra_keys = []
+        if config.dev:
+            extra_keys.append(DevSigningKey.load_or_create(config.dev_key_file).public_path)
+        verifier = TokenVerifier(config.auth, config.issuer, extra_keys)
+        pipeline = IngestPipeline(
+            storage=self._storage,
+            cache=self._cache,
+            validator=Validator(registry, config.storage.future_tolerance),
+            limiter=AdmitAll(),
+            audit=self._audit,
+        )
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(verifier, self._audit, f"/{SERVICE_NAME}/")],
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        server.add_generic_rpc_handlers((pipeline.rpc_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = self._listen(server)
+        self._server = server
+        await server.start()
+        await self._set_health(await self._storage.ping())
+        self._health_task = asyncio.create_task(self._watch_health(), name="health-watch")
+        log.info("gateway listening on %s (port %d)", config.grpc_listen, self.port)
+        return self.port
+
+    def _listen(self, server: grpc.aio.Server) -> int:
+        address = self.config.grpc_listen
+        try:
+            if self.config.tls is None:
+                port = server.add_insecure_port(address)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [
+                        (
+                            self.config.tls.key_file.read_bytes(),
+                            self.config.tls.cert_file.read_bytes(),
+                        )
+                    ]
+                )
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            port = 0
+            cause: Exception | None = exc
+        else:
+            cause = None
+        if not port:
+            raise ListenError(
+                f"cannot listen on {address}: the address is in use or not local"
+            ) from cause
+        return int(port)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def _watch_health(self) -> None:
+        # Serving only while Postgres answers, so Envoy and orchestrators route around us.
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+            now_serving = await self.storage.ping()
+            if now_serving != serving:
+                log.warning(
+                    "database %s", "is back: SERVING" if now_serving else "unreachable: NOT_SERVING"
+                )
+                serving = now_serving
+            await self._set_health(serving)
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking calls, let running ones finish within ``grace``, then close. Safe to call
+        after a failed or partial start."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+        if self._audit is not None:
+            await self._audit.close()
+        if self._cache is not None:
+            await self._cache.close()
+        if self._storage is not None:
+            await self._storage.close()

@@ -1,0 +1,260 @@
+"""The ingest service: both RPCs run the same pipeline, stage by stage, in the order of the
+design (authenticate → tenant → limits → validate → store → cache).
+
+Authentication has already happened in ``auth.AuthInterceptor`` when a handler here runs. The
+handlers receive the request as raw bytes: the limits stage sees the message size before
+anything is parsed, and a message that does not parse is a clear INVALID_ARGUMENT instead of
+grpc's generic deserialisation error.
+
+``Ingest`` commits each batch of the stream as it arrives. When a batch is refused, the stream
+ends with that batch's error (its ``batch_sequence`` in ``ErrorInfo.metadata``); the batches before
+it stay committed, and a resend of them is answered as duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from ingest_service.audit import AuditEvent, AuditLog
+from ingest_service.auth import Principal, current_principal
+from ingest_service.cache import LatestValueCache
+from ingest_service.errors import FieldViolation, GatewayError, InvalidRequest, abort
+from ingest_service.limits import Limiter
+from ingest_service.storage import BatchOutcome, Storage
+from ingest_service.tenancy import match_tenant
+from ingest_service.validation import Validator
+from welltegra.ingest.v1 import ingest_pb2
+
+__all__ = ["SERVICE_NAME", "IngestPipeline", "new_ingestion_id"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+MAX_AGENT_ID = 128
+
+
+def new_ingestion_id(now: datetime | None = None) -> str:
+    """An id like ``ing_20251106_143000_3fa94c1b``: sortable by time, unique by its random tail."""
+    return f"ing_{(now or datetime.now(UTC)):%Y%m%d_%H%M%S}_{secrets.token_hex(4)}"
+
+
+def _parse(message_type: type[Any], raw: bytes) -> Any:
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidRequest(
+            f"request is not a valid {message_type.DESCRIPTOR.name} message: {exc}"
+        ) from exc
+
+
+class IngestPipeline:
+    """Runs each request through limits, validation, storage and cache, and audits it."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        cache: LatestValueCache | None,
+        validator: Validator,
+        limiter: Limiter,
+        audit: AuditLog,
+    ) -> None:
+        self._storage = storage
+        self._cache = cache
+        self._validator = validator
+        self._limiter = limiter
+        self._audit = audit
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler serving ``welltegra.ingest.v1.IngestService``."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Ingest": grpc.stream_unary_rpc_method_handler(
+                    self.ingest, response_serializer=ingest_pb2.IngestResponse.SerializeToString
+                ),
+                "IngestRealtime": grpc.unary_unary_rpc_method_handler(
+                    self.ingest_realtime,
+                    response_serializer=ingest_pb2.IngestRealtimeResponse.SerializeToString,
+                ),
+            },
+        )
+
+    async def ingest_realtime(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ingest_pb2.IngestRealtimeResponse:
+        started = time.perf_counter()
+        principal = current_principal.get()
+        ingestion_id = new_ingestion_id()
+        event = AuditEvent(
+            action="IngestRealtime",
+            outcome="refused",
+            tenant_id=principal.tenant_id,
+            subject=principal.subject,
+            peer=context.peer(),
+            ingestion_id=ingestion_id,
+        )
+        try:
+            await self._limiter.admit(principal.tenant_id, len(raw))
+            request = _parse(ingest_pb2.IngestRealtimeRequest, raw)
+            outcome = await self._run(
+                principal, request.tenant_id, request.data_points, ingestion_id
+            )
+        except GatewayError as error:
+            await self._refuse(context, event, error)
+        self._audit.record(_audited(event, outcome))
+        summary = f"Ingested {outcome.accepted} data point{'' if outcome.accepted == 1 else 's'}"
+        if outcome.duplicate:
+            summary += f", {outcome.duplicate} already stored"
+        if outcome.rejected:
+            summary += f", rejected {outcome.rejected}"
+        return ingest_pb2.IngestRealtimeResponse(
+            status="partial" if outcome.rejected else "success",
+            message=summary,
+            tenant_id=principal.tenant_id,
+            ingestion_id=ingestion_id,
+            accepted_count=outcome.accepted,
+            rejected_count=outcome.rejected,
+            duplicate_count=outcome.duplicate,
+            processing_time_ms=round((time.perf_counter() - started) * 1000),
+            rejections=outcome.rejections,
+        )
+
+    async def ingest(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ingest_pb2.IngestResponse:
+        principal = current_principal.get()
+        response = ingest_pb2.IngestResponse()
+        async for raw in requests:
+            ingestion_id = new_ingestion_id()
+            event = AuditEvent(
+                action="Ingest",
+                outcome="refused",
+                tenant_id=principal.tenant_id,
+                subject=principal.subject,
+                peer=context.peer(),
+                ingestion_id=ingestion_id,
+            )
+            try:
+                await self._limiter.admit(principal.tenant_id, len(raw))
+                batch = _parse(ingest_pb2.IngestRequest, raw)
+                event = _with_batch(event, batch)
+                _check_batch_identity(batch)
+                outcome = await self._run(
+                    principal,
+                    batch.tenant_id,
+                    batch.data_points,
+                    ingestion_id,
+                    agent_id=batch.agent_id,
+                    batch_sequence=batch.batch_sequence,
+                )
+            except GatewayError as error:
+                if event.batch_sequence is not None:
+                    error.metadata["batch_sequence"] = str(event.batch_sequence)
+                await self._refuse(context, event, error)
+            self._audit.record(_audited(event, outcome))
+            response.batches.append(
+                ingest_pb2.BatchResult(
+                    batch_sequence=batch.batch_sequence,
+                    accepted_count=outcome.accepted,
+                    rejected_count=outcome.rejected,
+                    duplicate_count=outcome.duplicate,
+                    duplicate_batch=outcome.duplicate_batch,
+                    rejections=outcome.rejections,
+                    ingestion_id=ingestion_id,
+                )
+            )
+            response.accepted_count += outcome.accepted
+            response.rejected_count += outcome.rejected
+            response.duplicate_count += outcome.duplicate
+        return response
+
+    async def _run(
+        self,
+        principal: Principal,
+        body_tenant: str,
+        points: Any,
+        ingestion_id: str,
+        agent_id: str | None = None,
+        batch_sequence: int | None = None,
+    ) -> _Outcome:
+        match_tenant(principal.tenant_id, body_tenant)
+        validated = self._validator.validate(points)
+        stored = await self._storage.store_batch(
+            principal.tenant_id, validated, ingestion_id, agent_id, batch_sequence
+        )
+        if self._cache is not None and not stored.duplicate_batch:
+            await self._cache.update(principal.tenant_id, validated.accepted)
+        rejections = [
+            ingest_pb2.Rejection(index=q.index, field=q.field, reason=q.reason)
+            for q in validated.rejected
+        ]
+        return _Outcome(stored, [] if stored.duplicate_batch else rejections)
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        event: AuditEvent,
+        error: GatewayError,
+    ) -> None:
+        self._audit.record(
+            replace(event, outcome="refused", reason=error.reason, message=error.message[:1000])
+        )
+        await abort(context, error)
+
+
+class _Outcome:
+    """A stored batch's counts plus the rejections to report."""
+
+    __slots__ = ("accepted", "duplicate", "duplicate_batch", "rejected", "rejections")
+
+    def __init__(self, stored: BatchOutcome, rejections: list[ingest_pb2.Rejection]) -> None:
+        self.accepted = stored.accepted
+        self.rejected = stored.rejected
+        self.duplicate = stored.duplicate
+        self.duplicate_batch = stored.duplicate_batch
+        self.rejections = rejections
+
+
+def _check_batch_identity(batch: ingest_pb2.IngestRequest) -> None:
+    violations = []
+    if not batch.agent_id:
+        violations.append(FieldViolation("agent_id", "is required"))
+    elif len(batch.agent_id) > MAX_AGENT_ID or "\x00" in batch.agent_id:
+        violations.append(
+            FieldViolation("agent_id", f"must be at most {MAX_AGENT_ID} characters, without NUL")
+        )
+    if batch.batch_sequence < 1:
+        violations.append(FieldViolation("batch_sequence", "must be 1 or more"))
+    if violations:
+        raise InvalidRequest("Invalid batch", violations)
+
+
+def _with_batch(event: AuditEvent, batch: ingest_pb2.IngestRequest) -> AuditEvent:
+    return replace(
+        event, agent_id=batch.agent_id[:MAX_AGENT_ID], batch_sequence=batch.batch_sequence
+    )
+
+
+def _audited(event: AuditEvent, outcome: _Outcome) -> AuditEvent:
+    if outcome.duplicate_batch:
+        result = "duplicate"
+    elif outcome.rejected:
+        result = "partial"
+    else:
+        result = "accepted"
+    return replace(
+        event,
+        outcome=result,
+        accepted_count=outcome.accepted,
+        rejected_count=outcome.rejected,
+        duplicate_count=outcome.duplicate,
+    )

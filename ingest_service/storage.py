@@ -1,0 +1,420 @@
+"""Stage 5 of the pipeline: write accepted points into the tenant's schema in PostgreSQL.
+
+Each batch is one transaction:
+
+1. claim the batch in the tenant's ledger by (agent_id, batch_sequence); a batch already there
+   was committed before and is answered as a duplicate without writing anything;
+2. ``COPY`` the points into a transaction-local staging table (``ON COMMIT DELETE ROWS``),
+   the fastest way into Postgres, which also works when the target is under row-level security;
+3. one ``INSERT … SELECT … ON CONFLICT DO NOTHING`` moves them into
+   ``<tenant>_streams.real_time_parameters``: a point whose (well_id, parameter_name, ts) is
+   already stored is skipped and counted as a duplicate, whichever path it came by;
+4. refused points go to the tenant's quarantine, and the ledger row gets the batch's counts.
+
+Tenant ids are checked against a strict pattern and then still never pasted into SQL text:
+schema names are quoted by Postgres' own ``quote_ident`` and every value is a bind parameter.
+
+Transient database errors (a dropped connection, a deadlock, a server starting up) are retried
+here, a few times with backoff; after that the call fails with ``StorageUnavailable`` and the
+client resends, which the ledger and the point identity make harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from importlib import resources
+from urllib.parse import urlsplit
+
+import asyncpg
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from ingest_service.config import StorageConfig
+from ingest_service.errors import StorageUnavailable, UnknownTenant
+from ingest_service.tenancy import check_tenant_id
+from ingest_service.validation import QuarantinedPoint, ValidatedBatch
+
+__all__ = ["BatchOutcome", "DatabaseUnreachable", "Storage", "describe_url"]
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_LOCK = 0x5745_4C4C  # pg_advisory_lock key: one gateway migrates at a time
+_STAGING_COLUMNS = (
+    "well_id",
+    "parameter_name",
+    "ts",
+    "value",
+    "unit",
+    "quality_code",
+    "source",
+    "original_value",
+    "original_unit",
+)
+_TRANSIENT = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.AdminShutdownError,
+)
+
+
+class DatabaseUnreachable(RuntimeError):
+    """The database cannot be reached at start; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What one batch did to the tenant's data."""
+
+    accepted: int
+    rejected: int
+    duplicate: int
+    duplicate_batch: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _TenantTables:
+    """A tenant's qualified, quoted table names, resolved once."""
+
+    schema: str
+    points: str
+    ledger: str
+    quarantine: str
+
+
+def describe_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or "local socket"
+    port = f":{parts.port}" if parts.port else ""
+    return (
+        f"{parts.scheme}://{parts.username + '@' if parts.username else ''}{host}{port}{parts.path}"
+    )
+
+
+def _sql(name: str) -> str:
+    return resources.files("ingest_service").joinpath("sql", name).read_text(encoding="utf-8")
+
+
+class Storage:
+    """The gateway's PostgreSQL storage: migrations, tenants, partitions and batch writes."""
+
+    def __init__(self, pool: asyncpg.Pool, config: StorageConfig) -> None:
+        self.pool = pool
+        self._config = config
+        self._tenants: dict[str, _TenantTables] = {}
+        self._partitions: dict[str, set[date]] = {}
+        self._partition_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, url: str, config: StorageConfig) -> Storage:
+        """Open the pool and apply migrations; ``DatabaseUnreachable`` with a clear reason."""
+
+        async def prepare(conn: asyncpg.Connection) -> None:
+            # Lives as long as the connection; its rows live as long as one transaction.
+            await conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS wt_staging ("
+                " well_id text, parameter_name text, ts timestamptz, value float8, unit text,"
+                " quality_code text, source text, original_value float8, original_unit text"
+                ") ON COMMIT DELETE ROWS"
+            )
+
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=config.pool_min_size,
+                max_size=max(config.pool_max_size, config.pool_min_size),
+                init=prepare,
+                timeout=10,
+                command_timeout=config.statement_timeout.total_seconds(),
+                server_settings={"application_name": "welltegra-ingest"},
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise DatabaseUnreachable(
+                f"cannot reach the database at {describe_url(url)}: {exc or type(exc).__name__}"
+            ) from exc
+        storage = cls(pool, config)
+        await storage.migrate()
+        return storage
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> None:
+        """Apply the control schema and every known tenant's schema; safe to run again."""
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+            try:
+                await conn.execute(_sql("001_control.sql"))
+                tenants = await conn.fetch("SELECT tenant_id FROM welltegra.tenants")
+                for row in tenants:
+                    await self._create_tenant_schema(conn, row["tenant_id"])
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+    async def ping(self, timeout: float = 2.0) -> bool:
+        """Whether the database answers now."""
+        try:
+            async with asyncio.timeout(timeout), self.pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+            return True
+        except (TimeoutError, *_TRANSIENT, asyncpg.PostgresError):
+            return False
+
+    # Tenants -----------------------------------------------------------------------------
+
+    async def create_tenant(self, tenant_id: str) -> bool:
+        """Register ``tenant_id`` and create its schema; False if it already existed."""
+        check_tenant_id(tenant_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            inserted = await conn.fetchval(
+                "INSERT INTO welltegra.tenants (tenant_id, schema_name) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                tenant_id,
+                f"{tenant_id}_streams",
+            )
+            await self._create_tenant_schema(conn, tenant_id)
+        return bool(inserted)
+
+    async def list_tenants(self) -> list[str]:
+        rows = await self.pool.fetch("SELECT tenant_id FROM welltegra.tenants ORDER BY 1")
+        return [row["tenant_id"] for row in rows]
+
+    async def _create_tenant_schema(self, conn: asyncpg.Connection, tenant_id: str) -> None:
+        tables = await self._resolve(conn, tenant_id)
+        await conn.execute(_sql("tenant.sql").format(schema=tables.schema))
+        today = datetime.now(UTC).date()
+        days = [
+            today + timedelta(days=n) for n in range(-1, self._config.partitions_ahead_days + 1)
+        ]
+        await self._create_partitions(conn, tenant_id, tables, days)
+
+    async def _resolve(self, conn: asyncpg.Connection, tenant_id: str) -> _TenantTables:
+        cached = self._tenants.get(tenant_id)
+        if cached is not None:
+            return cached
+        schema = await conn.fetchval("SELECT quote_ident($1)", f"{tenant_id}_streams")
+        tables = _TenantTables(
+            schema=schema,
+            points=f"{schema}.real_time_parameters",
+            ledger=f"{schema}.batch_ledger",
+            quarantine=f"{schema}.quarantine",
+        )
+        self._tenants[tenant_id] = tables
+        return tables
+
+    async def _tenant(self, conn: asyncpg.Connection, tenant_id: str) -> _TenantTables:
+        """The tables of a provisioned tenant; ``UnknownTenant`` if it was never created."""
+        if tenant_id in self._partitions:
+            return self._tenants[tenant_id]
+        known = await conn.fetchval(
+            "SELECT true FROM welltegra.tenants WHERE tenant_id = $1", tenant_id
+        )
+        if not known:
+            raise UnknownTenant(f"tenant {tenant_id!r} is not provisioned on this gateway")
+        tables = await self._resolve(conn, tenant_id)
+        rows = await conn.fetch(
+            "SELECT c.relname FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid"
+            " JOIN pg_class p ON p.oid = i.inhparent"
+            " JOIN pg_namespace n ON n.oid = p.relnamespace"
+            " WHERE n.nspname = $1 AND p.relname = 'real_time_parameters'",
+            f"{tenant_id}_streams",
+        )
+        self._partitions[tenant_id] = {
+            datetime.strptime(row["relname"][-8:], "%Y%m%d").date() for row in rows
+        }
+        return tables
+
+    async def _create_partitions(
+        self,
+        conn: asyncpg.Connection,
+        tenant_id: str,
+        tables: _TenantTables,
+        days: list[date],
+    ) -> None:
+        known = self._partitions.setdefault(tenant_id, set())
+        for day in days:
+            if day in known:
+                continue
+            name = await conn.fetchval(
+                "SELECT quote_ident($1)", f"real_time_parameters_p{day:%Y%m%d}"
+            )
+            # Bounds are formatted from date objects, never from request text.
+            start, end = day.isoformat(), (day + timedelta(days=1)).isoformat()
+            # Another gateway may create it between our check and our create: that is fine.
+            with contextlib.suppress(
+                asyncpg.exceptions.DuplicateTableError, asyncpg.UniqueViolationError
+            ):
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {tables.schema}.{name}"
+                    f" PARTITION OF {tables.points} FOR VALUES FROM ('{start}') TO ('{end}')"
+                )
+            known.add(day)
+
+    async def _ensure_partitions(
+        self, conn: asyncpg.Connection, tenant_id: str, tables: _TenantTables, days: set[date]
+    ) -> None:
+        missing = days - self._partitions.get(tenant_id, set())
+        if missing:
+            # Outside the batch's transaction, so the DDL lock is held only for the create.
+            async with self._partition_lock:
+                await self._create_partitions(conn, tenant_id, tables, sorted(missing))
+
+    # Writes ------------------------------------------------------------------------------
+
+    async def store_batch(
+        self,
+        tenant_id: str,
+        batch: ValidatedBatch,
+        ingestion_id: str,
+        agent_id: str | None = None,
+        batch_sequence: int | None = None,
+    ) -> BatchOutcome:
+        """Commit ``batch`` for ``tenant_id`` in one transaction, with retries on transient
+        errors; ``StorageUnavailable`` when the database stays away."""
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_TRANSIENT),
+                stop=stop_after_attempt(3),
+                wait=wait_exponential_jitter(multiplier=0.1, max=1.0, jitter=0.1),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._store_once(
+                        tenant_id, batch, ingestion_id, agent_id, batch_sequence
+                    )
+        except (*_TRANSIENT, asyncpg.PostgresError, TimeoutError) as exc:
+            log.warning("storing batch %s for %s failed: %r", ingestion_id, tenant_id, exc)
+            raise StorageUnavailable("storage is unavailable; retry later") from exc
+        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+
+    async def _store_once(
+        self,
+        tenant_id: str,
+        batch: ValidatedBatch,
+        ingestion_id: str,
+        agent_id: str | None,
+        batch_sequence: int | None,
+    ) -> BatchOutcome:
+        async with self.pool.acquire() as conn:
+            tables = await self._tenant(conn, tenant_id)
+            await self._ensure_partitions(
+                conn, tenant_id, tables, {p.timestamp.date() for p in batch.accepted}
+            )
+            async with conn.transaction():
+                ledgered = agent_id is not None and batch_sequence is not None
+                if ledgered:
+                    claimed = await conn.fetchval(
+                        f"INSERT INTO {tables.ledger} (agent_id, batch_sequence, ingestion_id)"
+                        " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true",
+                        agent_id,
+                        batch_sequence,
+                        ingestion_id,
+                    )
+                    if not claimed:
+                        total = len(batch.accepted) + len(batch.rejected)
+                        return BatchOutcome(0, 0, total, duplicate_batch=True)
+                accepted = await self._insert_points(conn, tables, tenant_id, batch, ingestion_id)
+                if batch.rejected:
+                    await self._quarantine(conn, tables, batch.rejected, ingestion_id)
+                outcome = BatchOutcome(
+                    accepted=accepted,
+                    rejected=len(batch.rejected),
+                    duplicate=len(batch.accepted) - accepted,
+                )
+                if ledgered:
+                    await conn.execute(
+                        f"UPDATE {tables.ledger} SET accepted_count = $3, rejected_count = $4,"
+                        " duplicate_count = $5 WHERE agent_id = $1 AND batch_sequence = $2",
+                        agent_id,
+                        batch_sequence,
+                        outcome.accepted,
+                        outcome.rejected,
+                        outcome.duplicate,
+                    )
+                return outcome
+
+    async def _insert_points(
+        self,
+        conn: asyncpg.Connection,
+        tables: _TenantTables,
+        tenant_id: str,
+        batch: ValidatedBatch,
+        ingestion_id: str,
+    ) -> int:
+        if not batch.accepted:
+            return 0
+        await conn.copy_records_to_table(
+            "wt_staging",
+            columns=_STAGING_COLUMNS,
+            records=[
+                (
+                    p.well_id,
+                    p.parameter_name,
+                    p.timestamp,
+                    p.value,
+                    p.unit,
+                    p.quality_code,
+                    p.source,
+                    p.original_value,
+                    p.original_unit,
+                )
+                for p in batch.accepted
+            ],
+        )
+        status = await conn.execute(
+            f"INSERT INTO {tables.points} (tenant_id, ingestion_id, {', '.join(_STAGING_COLUMNS)})"
+            f" SELECT $1, $2, {', '.join(_STAGING_COLUMNS)} FROM pg_temp.wt_staging"
+            " ON CONFLICT (well_id, parameter_name, ts) DO NOTHING",
+            tenant_id,
+            ingestion_id,
+        )
+        # The status is "INSERT 0 <rows>": the rows that were new.
+        inserted = int(status.rsplit(" ", 1)[-1])
+        # ON COMMIT DELETE ROWS empties staging at commit; clear it now too, so a second batch
+        # in the same transaction (or a retry after an error) never sees these rows.
+        await conn.execute("TRUNCATE pg_temp.wt_staging")
+        return inserted
+
+    async def _quarantine(
+        self,
+        conn: asyncpg.Connection,
+        tables: _TenantTables,
+        rejected: list[QuarantinedPoint],
+        ingestion_id: str,
+    ) -> None:
+        await conn.executemany(
+            f"INSERT INTO {tables.quarantine} (ingestion_id, point_index, well_id,"
+            " parameter_name, ts, value, unit, quality_code, source, field, reason)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            [
+                (
+                    ingestion_id,
+                    q.index,
+                    q.well_id,
+                    q.parameter_name,
+                    q.timestamp,
+                    q.value,
+                    q.unit,
+                    q.quality_code,
+                    q.source,
+                    q.field,
+                    q.reason,
+                )
+                for q in rejected
+            ],
+        )

@@ -1,0 +1,159 @@
+"""Shared fixtures: real PostgreSQL and Redis (the machine's when DATABASE_URL / REDIS_URL are
+set, else embedded ones from the pip wheels), a gateway on a free port, signing keys and tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ingest_service.config import GatewayConfig, load_config
+from ingest_service.server import Gateway
+from welltegra.ingest.v1 import ingest_pb2_grpc
+
+ISSUER = "https://issuer.test/"
+AUDIENCE = "https://api.welltegra.com"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    from ingest_service.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("embedded"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    from ingest_service.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("embedded"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def public_key_file(tmp_path_factory: pytest.TempPathFactory, rsa_key: rsa.RSAPrivateKey) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "issuer.pub.pem"
+    path.write_bytes(
+        rsa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return path
+
+
+TokenFactory = Callable[..., str]
+
+
+@pytest.fixture(scope="session")
+def make_token(rsa_key: rsa.RSAPrivateKey) -> TokenFactory:
+    """``make_token(tenant, **claim_overrides)``: an RS256 token from the test issuer; pass
+    ``key=``/``algorithm=`` to sign otherwise, a claim set to ``None`` to leave it out."""
+
+    def factory(
+        tenant: str,
+        *,
+        key: Any = None,
+        algorithm: str = "RS256",
+        headers: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "test-client",
+            "iat": now,
+            "exp": now + 600,
+            "scope": "api:ingest",
+            "tenant_id": tenant,
+        }
+        claims.update(overrides)
+        claims = {k: v for k, v in claims.items() if v is not None}
+        return jwt.encode(
+            claims, rsa_key if key is None else key, algorithm=algorithm, headers=headers
+        )
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def gateway_config(
+    tmp_path_factory: pytest.TempPathFactory, public_key_file: Path
+) -> GatewayConfig:
+    return load_config(
+        overrides={
+            "grpc_listen": "127.0.0.1:0",
+            "data_dir": str(tmp_path_factory.mktemp("gateway")),
+            "auth": {"issuer": ISSUER, "public_key_files": [str(public_key_file)]},
+        },
+        environ={},
+    )
+
+
+@pytest.fixture(scope="session")
+async def gateway(
+    gateway_config: GatewayConfig, database_url: str, redis_url: str
+) -> AsyncIterator[Gateway]:
+    gw = Gateway(gateway_config, database_url, redis_url)
+    try:
+        await gw.start()
+        yield gw
+    finally:
+        await gw.stop(grace=1)
+
+
+@pytest.fixture
+async def stub(gateway: Gateway) -> AsyncIterator[ingest_pb2_grpc.IngestServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        yield ingest_pb2_grpc.IngestServiceStub(channel)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def tenant(gateway: Gateway) -> AsyncIterator[str]:
+    """A freshly provisioned tenant, dropped afterwards so shared databases stay clean."""
+    name = f"t_{secrets.token_hex(5)}"
+    await gateway.storage.create_tenant(name)
+    yield name
+    await gateway.audit.flush()
+    async with gateway.storage.pool.acquire() as conn:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}_streams" CASCADE')
+        await conn.execute("DELETE FROM welltegra.tenants WHERE tenant_id = $1", name)
+        await conn.execute("DELETE FROM system_monitoring.audit_log WHERE tenant_id = $1", name)

@@ -1,0 +1,98 @@
+"""Outages of the gateway's dependencies: health follows Postgres, a Redis outage never fails
+an ingest, and both recover by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ingest_service.config import GatewayConfig
+from ingest_service.server import Gateway
+from welltegra.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+from ..conftest import TokenFactory
+from ..proxy import CuttableProxy
+from .test_ingest import auth, point
+from .test_refusals import rich_status
+
+
+async def health_status(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        response = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="welltegra.ingest.v1.IngestService"), timeout=5
+        )
+    return int(response.status)
+
+
+async def wait_for_health(port: int, wanted: int, seconds: float = 20) -> None:
+    for _ in range(int(seconds / 0.2)):
+        if await health_status(port) == wanted:
+            return
+        await asyncio.sleep(0.2)
+    pytest.fail(f"health never became {health_pb2.HealthCheckResponse.ServingStatus.Name(wanted)}")
+
+
+async def test_health_follows_postgres_and_ingest_fails_retryably(
+    gateway_config: GatewayConfig,
+    database_url: str,
+    gateway: Gateway,
+    tenant: str,
+    make_token: TokenFactory,
+) -> None:
+    proxy, url_template = CuttableProxy.for_postgres(database_url)
+    await proxy.start()
+    proxied = Gateway(gateway_config, url_template.format(port=proxy.port), None)
+    await proxied.start()
+    try:
+        assert await health_status(proxied.port) == health_pb2.HealthCheckResponse.SERVING
+        await proxy.cut()
+        await wait_for_health(proxied.port, health_pb2.HealthCheckResponse.NOT_SERVING)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{proxied.port}") as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.IngestRealtime(
+                    ingest_pb2.IngestRealtimeRequest(data_points=[point(0)]),
+                    metadata=auth(make_token(tenant)),
+                    timeout=30,
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert rich_status(refused.value)[0] == "storage_unavailable"
+
+            await proxy.restore()
+            await wait_for_health(proxied.port, health_pb2.HealthCheckResponse.SERVING)
+            response = await stub.IngestRealtime(
+                ingest_pb2.IngestRealtimeRequest(data_points=[point(0)]),
+                metadata=auth(make_token(tenant)),
+            )
+            assert response.accepted_count == 1
+    finally:
+        await proxied.stop(grace=1)
+        await proxy.cut()
+
+
+async def test_redis_outage_never_fails_an_ingest(
+    gateway_config: GatewayConfig,
+    database_url: str,
+    gateway: Gateway,
+    tenant: str,
+    make_token: TokenFactory,
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]  # nothing listens here once the socket closes
+    no_redis = Gateway(gateway_config, database_url, f"redis://127.0.0.1:{dead_port}/0")
+    await no_redis.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{no_redis.port}") as channel:
+            response = await ingest_pb2_grpc.IngestServiceStub(channel).IngestRealtime(
+                ingest_pb2.IngestRealtimeRequest(data_points=[point(0), point(1)]),
+                metadata=auth(make_token(tenant)),
+            )
+        assert response.accepted_count == 2
+        assert no_redis.cache_failures == 1
+    finally:
+        await no_redis.stop(grace=1)
