@@ -659,25 +659,25 @@ def _postgres_account() -> tuple[int, int] | None:
     """(uid, gid) to run postgres as when we are root (it refuses root), else None: ourselves."""
     if os.geteuid() != 0:
         return None
-    for attempt in range(2):
-        try:
-            entry = pwd.getpwnam(POSTGRES_SYSTEM_ACCOUNT)
-            return entry.pw_uid, entry.pw_gid
-        except KeyError:
-            useradd = shutil.which("useradd")
-            if attempt == 0 and useradd is not None:
-                # Fails harmlessly if a concurrent process created it first.
-                subprocess.run(
-                    [useradd, "--system", "--user-group", "--no-create-home",
-                     "--shell", "/usr/sbin/nologin", POSTGRES_SYSTEM_ACCOUNT],
-                    check=False, capture_output=True,
-                )  # fmt: skip
+    useradd = shutil.which("useradd")
+    with contextlib.suppress(KeyError):
+        entry = pwd.getpwnam(POSTGRES_SYSTEM_ACCOUNT)
+        return entry.pw_uid, entry.pw_gid
+    if useradd is not None:
+        # Fails harmlessly if a concurrent process has just created it.
+        subprocess.run(
+            [useradd, "--system", "--user-group", "--no-create-home",
+             "--shell", "/usr/sbin/nologin", POSTGRES_SYSTEM_ACCOUNT],
+            check=False, capture_output=True,
+        )  # fmt: skip
+    with contextlib.suppress(KeyError):
+        entry = pwd.getpwnam(POSTGRES_SYSTEM_ACCOUNT)
+        return entry.pw_uid, entry.pw_gid
     try:
         entry = pwd.getpwnam("nobody")
     except KeyError as exc:
         raise EmbeddedServerError(
-            "running as root and no account to run postgres as"
-            f" (create {POSTGRES_SYSTEM_ACCOUNT!r})"
+            f"running as root and no account to run postgres as: create {POSTGRES_SYSTEM_ACCOUNT}"
         ) from exc
     _log.warning("running embedded postgres as 'nobody': could not create %s",
                  POSTGRES_SYSTEM_ACCOUNT)  # fmt: skip

@@ -94,14 +94,7 @@ class IngestPipeline:
         started = time.perf_counter()
         principal = current_principal.get()
         ingestion_id = new_ingestion_id()
-        event = AuditEvent(
-            action="IngestRealtime",
-            outcome="refused",
-            tenant_id=principal.tenant_id,
-            subject=principal.subject,
-            peer=context.peer(),
-            ingestion_id=ingestion_id,
-        )
+        event = _call_event("IngestRealtime", principal, context, ingestion_id)
         try:
             await self._limiter.admit(principal.tenant_id, len(raw))
             request = _parse(ingest_pb2.IngestRealtimeRequest, raw)
@@ -135,14 +128,7 @@ class IngestPipeline:
         response = ingest_pb2.IngestResponse()
         async for raw in requests:
             ingestion_id = new_ingestion_id()
-            event = AuditEvent(
-                action="Ingest",
-                outcome="refused",
-                tenant_id=principal.tenant_id,
-                subject=principal.subject,
-                peer=context.peer(),
-                ingestion_id=ingestion_id,
-            )
+            event = _call_event("Ingest", principal, context, ingestion_id)
             try:
                 await self._limiter.admit(principal.tenant_id, len(raw))
                 batch = _parse(ingest_pb2.IngestRequest, raw)
@@ -236,6 +222,23 @@ def _check_batch_identity(batch: ingest_pb2.IngestRequest) -> None:
         violations.append(FieldViolation("batch_sequence", "must be 1 or more"))
     if violations:
         raise InvalidRequest("Invalid batch", violations)
+
+
+def _call_event(
+    action: str,
+    principal: Principal,
+    context: grpc.aio.ServicerContext[Any, Any],
+    ingestion_id: str,
+) -> AuditEvent:
+    """The audit event of one call (or one batch), refused until the pipeline says otherwise."""
+    return AuditEvent(
+        action=action,
+        outcome="refused",
+        tenant_id=principal.tenant_id,
+        subject=principal.subject,
+        peer=context.peer(),
+        ingestion_id=ingestion_id,
+    )
 
 
 def _with_batch(event: AuditEvent, batch: ingest_pb2.IngestRequest) -> AuditEvent:

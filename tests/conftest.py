@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ingest_service.config import GatewayConfig, load_config
+from ingest_service.embedded import EmbeddedPostgres, EmbeddedRedis
 from ingest_service.server import Gateway
 from welltegra.ingest.v1 import ingest_pb2_grpc
 
@@ -27,31 +30,32 @@ AUDIENCE = "https://api.welltegra.com"
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
-        return
-    from ingest_service.embedded import EmbeddedPostgres
-
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("embedded"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+def embedded_dir() -> Iterator[Path]:
+    # Not under pytest's tmp dir: as root, Postgres runs as its own account and must traverse
+    # the path, and pytest resets its base dir to 0700 at every run.
+    path = Path(tempfile.mkdtemp(prefix="welltegra-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url(embedded_dir: Path) -> Iterator[str]:
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    with EmbeddedPostgres(embedded_dir) as server:
+        assert server.url is not None
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_url(embedded_dir: Path) -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    from ingest_service.embedded import EmbeddedRedis
-
-    server = EmbeddedRedis(tmp_path_factory.mktemp("embedded"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with EmbeddedRedis(embedded_dir) as server:
+        assert server.url is not None
+        yield server.url
 
 
 @pytest.fixture(scope="session")
