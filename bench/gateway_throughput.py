@@ -64,16 +64,16 @@ from typing import Any
 import asyncpg
 import grpc
 from redis import asyncio as aioredis
-from welltegra.ingest.v1 import ingest_pb2
 
-from ingest_service.config import GatewayConfig, load_config
+from ingest_service.config import GatewayConfig, StorageConfig, load_config
 from ingest_service.devkeys import DevSigningKey
 from ingest_service.server import Gateway
 
 # The gateway's migration lock: holding it while dropping our tenants keeps a gateway that is
 # starting meanwhile (its migrate() re-creates every registered tenant's schema) from bringing
 # a schema back between our DELETE and our DROP.
-from ingest_service.storage import _MIGRATION_LOCK, _STAGING_COLUMNS
+from ingest_service.storage import STAGING_COLUMNS, Storage, prepare_connection
+from welltegra.ingest.v1 import ingest_pb2
 
 INGEST_METHOD = "/welltegra.ingest.v1.IngestService/Ingest"
 MAX_BATCH = 1000  # the gateway refuses more points per batch (validation.MAX_POINTS)
@@ -151,7 +151,7 @@ def _batches(prefix: str, agent_id: str, points: int, batch: int, base_us: int) 
             point.timestamp.seconds = seconds
             point.timestamp.nanos = micros * 1000
             ts = _EPOCH + timedelta(microseconds=ts_us)
-            # The order of storage._STAGING_COLUMNS, as the gateway's COPY sends them.
+            # The order of storage.STAGING_COLUMNS, as the gateway's COPY sends them.
             records.append((well, name, ts, value, unit, "GOOD", "SCADA_OPC_UA", value, unit))
         result.append(Batch(request.SerializeToString(), records))
     return result
@@ -380,7 +380,7 @@ async def ceiling_phase(pool: asyncpg.Pool, tenant: str, streams: list[list[Batc
     """Points/s of storage's own write path without the gateway: per batch one transaction of
     COPY into the temp staging table + INSERT … SELECT … ON CONFLICT DO NOTHING, the same SQL as
     Storage._insert_points, one connection per stream."""
-    columns = ", ".join(_STAGING_COLUMNS)
+    columns = ", ".join(STAGING_COLUMNS)
     insert = (
         f"INSERT INTO {_schema(tenant)}.real_time_parameters (tenant_id, ingestion_id, {columns})"
         f" SELECT $1, $2, {columns} FROM pg_temp.wt_staging"
@@ -394,7 +394,7 @@ async def ceiling_phase(pool: asyncpg.Pool, tenant: str, streams: list[list[Batc
                 # ON COMMIT DELETE ROWS empties the staging table at each commit.
                 async with conn.transaction():
                     await conn.copy_records_to_table(
-                        "wt_staging", columns=_STAGING_COLUMNS, records=batch.records
+                        "wt_staging", columns=STAGING_COLUMNS, records=batch.records
                     )
                     status = await conn.execute(insert, tenant, f"ceiling_{number}_{sequence}")
                 inserted += int(status.rsplit(" ", 1)[-1])
@@ -412,7 +412,7 @@ async def ceiling_phase(pool: asyncpg.Pool, tenant: str, streams: list[list[Batc
 async def raw_copy_phase(pool: asyncpg.Pool, tenant: str, streams: list[list[Batch]]) -> float:
     """Points/s of a bare binary COPY of each batch straight into the partitioned table (no
     staging, no ON CONFLICT): what the database does with no de-duplication at all."""
-    columns = ("tenant_id", "ingestion_id", *_STAGING_COLUMNS)
+    columns = ("tenant_id", "ingestion_id", *STAGING_COLUMNS)
     # Built before the clock starts: the tenant and ingestion id differ from the gateway's rows.
     rows = [
         [[(tenant, f"raw_{n}_{k}", *r) for r in batch.records] for k, batch in enumerate(s)]
@@ -506,18 +506,16 @@ async def _one_run(
 
 async def _cleanup(database_url: str, redis_url: str, tenants: list[str]) -> None:
     """Drop what the benchmark created: schemas, tenant rows, audit rows and cache keys."""
-    conn = await asyncpg.connect(database_url)
+    storage = await Storage.connect(database_url, StorageConfig(pool_min_size=1))
     try:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-            await conn.execute("DELETE FROM welltegra.tenants WHERE tenant_id = ANY($1)", tenants)
-            for tenant in tenants:
-                await conn.execute(f"DROP SCHEMA IF EXISTS {_schema(tenant)} CASCADE")
-            await conn.execute(
-                "DELETE FROM system_monitoring.audit_log WHERE tenant_id = ANY($1)", tenants
-            )
+        for tenant in tenants:
+            await storage.drop_tenant(tenant)
+        # Audit rows outlive a dropped tenant by design; a benchmark's are only noise.
+        await storage.pool.execute(
+            "DELETE FROM system_monitoring.audit_log WHERE tenant_id = ANY($1)", tenants
+        )
     finally:
-        await conn.close()
+        await storage.close()
     redis = aioredis.Redis.from_url(redis_url)
     try:
         for tenant in tenants:
@@ -527,16 +525,6 @@ async def _cleanup(database_url: str, redis_url: str, tenants: list[str]) -> Non
                 await redis.delete(*keys)
     finally:
         await redis.aclose()
-
-
-async def _staging_table(conn: asyncpg.Connection) -> None:
-    # The same temp table as Storage.connect's pool init, per connection.
-    await conn.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS wt_staging ("
-        " well_id text, parameter_name text, ts timestamptz, value float8, unit text,"
-        " quality_code text, source text, original_value float8, original_unit text"
-        ") ON COMMIT DELETE ROWS"
-    )
 
 
 async def benchmark(args: argparse.Namespace, database_url: str, redis_url: str) -> dict[str, Any]:
@@ -574,7 +562,7 @@ async def benchmark(args: argparse.Namespace, database_url: str, redis_url: str)
                     database_url,
                     min_size=args.streams,
                     max_size=args.streams,
-                    init=_staging_table,
+                    init=prepare_connection,  # the gateway's own staging table
                 )
                 try:
                     await asyncio.gather(*(c.channel_ready() for c in channels))

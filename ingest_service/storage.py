@@ -42,12 +42,19 @@ from ingest_service.errors import StorageUnavailable, UnknownTenant
 from ingest_service.tenancy import check_tenant_id
 from ingest_service.validation import QuarantinedPoint, ValidatedBatch
 
-__all__ = ["BatchOutcome", "DatabaseUnreachable", "Storage", "describe_url"]
+__all__ = [
+    "STAGING_COLUMNS",
+    "BatchOutcome",
+    "DatabaseUnreachable",
+    "Storage",
+    "describe_url",
+    "prepare_connection",
+]
 
 log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x5745_4C4C  # pg_advisory_lock key: one gateway migrates at a time
-_STAGING_COLUMNS = (
+STAGING_COLUMNS = (
     "well_id",
     "parameter_name",
     "ts",
@@ -104,6 +111,17 @@ def describe_url(url: str) -> str:
     )
 
 
+async def prepare_connection(conn: asyncpg.Connection) -> None:
+    """Create the connection's staging table: it lives as long as the connection, its rows as
+    long as one transaction."""
+    await conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS wt_staging ("
+        " well_id text, parameter_name text, ts timestamptz, value float8, unit text,"
+        " quality_code text, source text, original_value float8, original_unit text"
+        ") ON COMMIT DELETE ROWS"
+    )
+
+
 def _sql(name: str) -> str:
     return resources.files("ingest_service").joinpath("sql", name).read_text(encoding="utf-8")
 
@@ -122,21 +140,12 @@ class Storage:
     async def connect(cls, url: str, config: StorageConfig) -> Storage:
         """Open the pool and apply migrations; ``DatabaseUnreachable`` with a clear reason."""
 
-        async def prepare(conn: asyncpg.Connection) -> None:
-            # Lives as long as the connection; its rows live as long as one transaction.
-            await conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS wt_staging ("
-                " well_id text, parameter_name text, ts timestamptz, value float8, unit text,"
-                " quality_code text, source text, original_value float8, original_unit text"
-                ") ON COMMIT DELETE ROWS"
-            )
-
         try:
             pool = await asyncpg.create_pool(
                 url,
                 min_size=config.pool_min_size,
                 max_size=max(config.pool_max_size, config.pool_min_size),
-                init=prepare,
+                init=prepare_connection,
                 timeout=10,
                 command_timeout=config.statement_timeout.total_seconds(),
                 server_settings={"application_name": "welltegra-ingest"},
@@ -188,6 +197,22 @@ class Storage:
             )
             await self._create_tenant_schema(conn, tenant_id)
         return bool(inserted)
+
+    async def drop_tenant(self, tenant_id: str) -> bool:
+        """Delete ``tenant_id``: its schema with every stored point, and its registration.
+        Audit rows stay. False if there was no such tenant."""
+        check_tenant_id(tenant_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Under the migration lock, so a gateway starting meanwhile cannot re-create it.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            deleted = await conn.fetchval(
+                "DELETE FROM welltegra.tenants WHERE tenant_id = $1 RETURNING true", tenant_id
+            )
+            schema = await conn.fetchval("SELECT quote_ident($1)", f"{tenant_id}_streams")
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        self._tenants.pop(tenant_id, None)
+        self._partitions.pop(tenant_id, None)
+        return bool(deleted)
 
     async def list_tenants(self) -> list[str]:
         rows = await self.pool.fetch("SELECT tenant_id FROM welltegra.tenants ORDER BY 1")
@@ -358,37 +383,20 @@ class Storage:
     ) -> int:
         if not batch.accepted:
             return 0
+        # StoredPoint is a tuple in the order of the staging columns: no copy per row.
         await conn.copy_records_to_table(
-            "wt_staging",
-            columns=_STAGING_COLUMNS,
-            records=[
-                (
-                    p.well_id,
-                    p.parameter_name,
-                    p.timestamp,
-                    p.value,
-                    p.unit,
-                    p.quality_code,
-                    p.source,
-                    p.original_value,
-                    p.original_unit,
-                )
-                for p in batch.accepted
-            ],
+            "wt_staging", columns=STAGING_COLUMNS, records=batch.accepted
         )
         status = await conn.execute(
-            f"INSERT INTO {tables.points} (tenant_id, ingestion_id, {', '.join(_STAGING_COLUMNS)})"
-            f" SELECT $1, $2, {', '.join(_STAGING_COLUMNS)} FROM pg_temp.wt_staging"
+            f"INSERT INTO {tables.points} (tenant_id, ingestion_id, {', '.join(STAGING_COLUMNS)})"
+            f" SELECT $1, $2, {', '.join(STAGING_COLUMNS)} FROM pg_temp.wt_staging"
             " ON CONFLICT (well_id, parameter_name, ts) DO NOTHING",
             tenant_id,
             ingestion_id,
         )
-        # The status is "INSERT 0 <rows>": the rows that were new.
-        inserted = int(status.rsplit(" ", 1)[-1])
-        # ON COMMIT DELETE ROWS empties staging at commit; clear it now too, so a second batch
-        # in the same transaction (or a retry after an error) never sees these rows.
-        await conn.execute("TRUNCATE pg_temp.wt_staging")
-        return inserted
+        # The status is "INSERT 0 <rows>": the rows that were new. Staging empties itself at
+        # commit (ON COMMIT DELETE ROWS), and a rolled-back transaction leaves no rows behind.
+        return int(status.rsplit(" ", 1)[-1])
 
     async def _quarantine(
         self,

@@ -15,12 +15,13 @@ Accepted points leave this stage converted to their parameter's canonical unit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple, NoReturn
 
 from google.protobuf import unknown_fields
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from ingest_service.errors import FieldViolation, InvalidRequest
 from ingest_service.parameters import ParameterRegistry
@@ -45,9 +46,9 @@ _TIMESTAMP_MIN = -62135596800  # 0001-01-01T00:00:00Z
 _TIMESTAMP_MAX = 253402300799  # 9999-12-31T23:59:59Z
 
 
-@dataclass(frozen=True, slots=True)
-class StoredPoint:
-    """An accepted point, its value in the parameter's canonical unit."""
+class StoredPoint(NamedTuple):
+    """An accepted point, its value in the parameter's canonical unit. A tuple in the order of
+    the storage's staging columns, so a batch goes to ``COPY`` as it is."""
 
     well_id: str
     parameter_name: str
@@ -84,12 +85,9 @@ class ValidatedBatch:
     rejected: list[QuarantinedPoint]
 
 
+# Timestamps become datetimes as EPOCH + delta; Postgres keeps microseconds, so finer
+# nanoseconds are truncated, as the database would.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _timestamp_to_datetime(ts: Timestamp) -> datetime:
-    # Postgres keeps microseconds; finer nanoseconds are truncated, as the database would.
-    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 class Validator:
@@ -104,17 +102,35 @@ class Validator:
         points: Sequence[ingest_pb2.DataPoint],
         now: datetime | None = None,
     ) -> ValidatedBatch:
-        """Raise ``InvalidRequest`` for structural errors, else split ``points``."""
-        self._check_structure(points)
+        """Raise ``InvalidRequest`` for structural errors, else split ``points``.
+
+        This is the gateway's hottest loop, so it makes one pass with cheap checks; only when a
+        point fails one does ``_point_violations`` work out the detailed field violations.
+        """
+        if not 1 <= len(points) <= MAX_POINTS:
+            count = FieldViolation(
+                "data_points", f"must hold 1 to {MAX_POINTS} points, not {len(points)}"
+            )
+            raise InvalidRequest("Invalid data schema", [count])
         latest_allowed = (now or datetime.now(UTC)) + self._future_tolerance
+        lookup = self._registry.get
         accepted: list[StoredPoint] = []
         rejected: list[QuarantinedPoint] = []
         for index, point in enumerate(points):
-            timestamp = _timestamp_to_datetime(point.timestamp)
-            quality = point.quality_code or "GOOD"
-            refusal = self._domain_refusal(index, point, timestamp, latest_allowed)
-            if refusal is not None:
-                field, reason = refusal
+            if not _well_formed(point):
+                _raise_structure_errors(points)
+            ts = point.timestamp
+            timestamp = _EPOCH + timedelta(0, ts.seconds, ts.nanos // 1000)
+            parameter = lookup(point.parameter_name)
+            conversion = parameter.conversions.get(point.unit) if parameter else None
+            canonical = conversion.apply(point.value) if conversion else math.nan
+            if (
+                parameter is None
+                or conversion is None
+                or not parameter.in_range(canonical)
+                or timestamp > latest_allowed
+            ):
+                field, reason = self._refusal(index, point, canonical, timestamp)
                 rejected.append(
                     QuarantinedPoint(
                         index=index,
@@ -123,37 +139,32 @@ class Validator:
                         timestamp=timestamp,
                         value=point.value,
                         unit=point.unit,
-                        quality_code=quality,
+                        quality_code=point.quality_code or "GOOD",
                         source=point.source,
                         field=field,
                         reason=reason,
                     )
                 )
                 continue
-            parameter = self._registry.get(point.parameter_name)
-            assert parameter is not None  # _domain_refusal checked it
             accepted.append(
                 StoredPoint(
-                    well_id=point.well_id,
-                    parameter_name=point.parameter_name,
-                    timestamp=timestamp,
-                    value=parameter.to_canonical(point.value, point.unit),
-                    unit=parameter.canonical_unit,
-                    quality_code=quality,
-                    source=point.source,
-                    original_value=point.value,
-                    original_unit=point.unit,
+                    point.well_id,
+                    point.parameter_name,
+                    timestamp,
+                    canonical,
+                    parameter.canonical_unit,
+                    point.quality_code or "GOOD",
+                    point.source,
+                    point.value,
+                    point.unit,
                 )
             )
         return ValidatedBatch(accepted=accepted, rejected=rejected)
 
-    def _domain_refusal(
-        self,
-        index: int,
-        point: ingest_pb2.DataPoint,
-        timestamp: datetime,
-        latest_allowed: datetime,
-    ) -> tuple[str, str] | None:
+    def _refusal(
+        self, index: int, point: ingest_pb2.DataPoint, canonical: float, timestamp: datetime
+    ) -> tuple[str, str]:
+        """The field at fault and the reason, for a point that broke a domain rule."""
         path = f"data_points[{index}]"
         parameter = self._registry.get(point.parameter_name)
         if parameter is None:
@@ -168,7 +179,6 @@ class Validator:
                 f"unit {point.unit!r} is not accepted for {parameter.name}; use one of "
                 + ", ".join(parameter.conversions),
             )
-        canonical = parameter.to_canonical(point.value, point.unit)
         if not parameter.in_range(canonical):
             return (
                 f"{path}.value",
@@ -176,45 +186,60 @@ class Validator:
                 f"{parameter.min:g}..{parameter.max:g} {parameter.canonical_unit} "
                 f"of {parameter.name}",
             )
-        if timestamp > latest_allowed:
-            return (
-                f"{path}.timestamp",
-                f"{timestamp.isoformat()} is more than "
-                f"{self._future_tolerance.total_seconds():g}s in the future",
-            )
-        return None
+        return (
+            f"{path}.timestamp",
+            f"{timestamp.isoformat()} is more than "
+            f"{self._future_tolerance.total_seconds():g}s in the future",
+        )
 
-    @staticmethod
-    def _check_structure(points: Sequence[ingest_pb2.DataPoint]) -> None:
-        if not 1 <= len(points) <= MAX_POINTS:
-            raise InvalidRequest(
-                "Invalid data schema",
-                [
-                    FieldViolation(
-                        "data_points", f"must hold 1 to {MAX_POINTS} points, not {len(points)}"
-                    )
-                ],
-            )
-        violations: list[FieldViolation] = []
-        for index, point in enumerate(points):
-            violations.extend(_point_violations(index, point))
-            if len(violations) >= MAX_VIOLATIONS:
-                break
-        if violations:
-            raise InvalidRequest("Invalid data schema", violations[:MAX_VIOLATIONS])
+
+def _well_formed(point: ingest_pb2.DataPoint) -> bool:
+    """The structural rules as cheap checks; must agree with ``_point_violations``."""
+    ts = point.timestamp
+    return (
+        0 < len(point.well_id) <= MAX_TEXT["well_id"]
+        and 0 < len(point.parameter_name) <= MAX_TEXT["parameter_name"]
+        and 0 < len(point.unit) <= MAX_TEXT["unit"]
+        and len(point.source) <= MAX_TEXT["source"]
+        and "\x00" not in point.well_id + point.parameter_name + point.unit + point.source
+        and point.HasField("value")
+        and math.isfinite(point.value)
+        and point.HasField("timestamp")
+        and _TIMESTAMP_MIN <= ts.seconds <= _TIMESTAMP_MAX
+        and 0 <= ts.nanos < 1_000_000_000
+        and (not point.quality_code or point.quality_code in QUALITY_CODES)
+        and not _mistyped_fields(point)
+    )
+
+
+def _mistyped_fields(point: ingest_pb2.DataPoint) -> set[str]:
+    """Known fields sent with the wrong wire type (a string where the double belongs). They do
+    not fail parsing: protobuf keeps them as unknown fields. Fields this version does not know
+    at all are ignored, as protobuf intends, so newer senders stay compatible."""
+    unknown = unknown_fields.UnknownFieldSet(point)
+    if not len(unknown):
+        return set()
+    return {
+        _FIELD_NAMES[unknown[i].field_number]
+        for i in range(len(unknown))
+        if unknown[i].field_number in _FIELD_NAMES
+    }
+
+
+def _raise_structure_errors(points: Sequence[ingest_pb2.DataPoint]) -> NoReturn:
+    violations: list[FieldViolation] = []
+    for index, point in enumerate(points):
+        violations.extend(_point_violations(index, point))
+        if len(violations) >= MAX_VIOLATIONS:
+            break
+    raise InvalidRequest("Invalid data schema", violations[:MAX_VIOLATIONS])
 
 
 def _point_violations(index: int, point: ingest_pb2.DataPoint) -> list[FieldViolation]:
     path = f"data_points[{index}]"
     found: list[FieldViolation] = []
-    # A field sent with the wrong wire type (a string where the double belongs) does not fail
-    # parsing: protobuf keeps it as an unknown field. Name it instead of reporting "missing".
-    unknown = unknown_fields.UnknownFieldSet(point)
-    wrong_type = {
-        _FIELD_NAMES[unknown[i].field_number]
-        for i in range(len(unknown))
-        if unknown[i].field_number in _FIELD_NAMES
-    }
+    # A mistyped field is named as such instead of being reported "missing".
+    wrong_type = _mistyped_fields(point)
     for name in sorted(wrong_type):
         expected = "a number" if name == "value" else f"of the type of {name}"
         found.append(FieldViolation(f"{path}.{name}", f"must be {expected}"))
@@ -229,7 +254,7 @@ def _point_violations(index: int, point: ingest_pb2.DataPoint) -> list[FieldViol
     if "value" not in wrong_type:
         if not point.HasField("value"):
             found.append(FieldViolation(f"{path}.value", "is required"))
-        elif point.value != point.value or point.value in (float("inf"), float("-inf")):
+        elif not math.isfinite(point.value):
             found.append(FieldViolation(f"{path}.value", "must be a finite number"))
     if "timestamp" not in wrong_type:
         if not point.HasField("timestamp"):

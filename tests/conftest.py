@@ -157,7 +157,7 @@ async def tenant(gateway: Gateway) -> AsyncIterator[str]:
     await gateway.storage.create_tenant(name)
     yield name
     await gateway.audit.flush()
-    async with gateway.storage.pool.acquire() as conn:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}_streams" CASCADE')
-        await conn.execute("DELETE FROM welltegra.tenants WHERE tenant_id = $1", name)
-        await conn.execute("DELETE FROM system_monitoring.audit_log WHERE tenant_id = $1", name)
+    await gateway.storage.drop_tenant(name)
+    await gateway.storage.pool.execute(
+        "DELETE FROM system_monitoring.audit_log WHERE tenant_id = $1", name
+    )

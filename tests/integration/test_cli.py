@@ -50,9 +50,7 @@ def served(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[tuple[str, Path]
         assert process.stdout is not None
         line = process.stdout.readline()
         match = re.search(r"serving gRPC on (\S+)", line)
-        assert match, (
-            f"no serving line: {line!r}"
-        )
+        assert match, f"no serving line: {line!r}"
         yield match.group(1), data_dir
     finally:
         process.send_signal(signal.SIGTERM)

@@ -105,3 +105,34 @@ def test_domain_rules_reject_single_points(validator: Validator) -> None:
     ]
     assert "use one of psi, bar, kPa, MPa" in result.rejected[1].reason
     assert result.rejected[2].value == -1.0 and result.rejected[2].unit == "bar"
+
+
+def test_fast_check_agrees_with_detailed_violations() -> None:
+    """``_well_formed`` (the hot path) and ``_point_violations`` (the error report) must agree,
+    or a bad point could pass, or a good request could fail with no reason given."""
+    import random
+
+    from ingest_service.validation import _point_violations, _well_formed
+
+    rng = random.Random(20251106)
+    texts = ["", "W", "W" * 128, "W" * 129, "a\x00b", "S" * 257, "psi"]
+    numbers = [0.0, -1.5, 1e308, float("nan"), float("inf"), float("-inf"), None]
+    seconds = [0, -62135596800, -62135596801, 253402300799, 253402300800, None]
+    for _ in range(3000):
+        point = dp(
+            well_id=rng.choice(texts),
+            parameter_name=rng.choice(texts),
+            unit=rng.choice(texts),
+            source=rng.choice(texts),
+            quality_code=rng.choice(["", "GOOD", "BAD", "UNCERTAIN", "meh"]),
+            value=rng.choice(numbers),
+        )
+        chosen = rng.choice(seconds)
+        if chosen is None:
+            point.ClearField("timestamp")
+        else:
+            point.timestamp.seconds = chosen
+            point.timestamp.nanos = rng.choice([0, 999_999_999, 1_000_000_000, -1])
+        if rng.random() < 0.2:  # a known field with the wrong wire type, or a future field
+            point.MergeFromString(rng.choice([b"\x22\x03abc", b"\x08\x01", b"\xa0\x06\x01"]))
+        assert _well_formed(point) == (not _point_violations(0, point)), point
