@@ -86,6 +86,7 @@ class TokenVerifier:
                 config.jwks_url,
                 cache_keys=True,
                 lifespan=config.jwks_cache.total_seconds(),
+                cooldown_duration=config.jwks_refresh_cooldown.total_seconds(),
                 timeout=5,
             )
             if config.jwks_url

@@ -81,6 +81,9 @@ class AuthConfig(_Strict):
     audience: str = DEFAULT_AUDIENCE
     jwks_url: str | None = None
     jwks_cache: Duration = timedelta(minutes=5)
+    # An unknown key id refetches the key set at most this often, so forged kids cannot make
+    # the gateway hammer the identity provider.
+    jwks_refresh_cooldown: Duration = timedelta(seconds=10)
     public_key_files: tuple[Path, ...] = ()
     tenant_claim: str = "tenant_id"
     required_scope: str = "api:ingest"
