@@ -71,7 +71,7 @@ class TokenVerifier:
     def __init__(
         self,
         config: AuthConfig,
-        issuer: str | None,
+        issuer: str,
         extra_key_files: Iterable[Path] = (),
     ) -> None:
         self._config = config

@@ -53,12 +53,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--database-url", help="PostgreSQL URL (default: env DATABASE_URL, else embedded)"
     )
     parser.add_argument("--redis-url", help="Redis URL (default: env REDIS_URL, else embedded)")
-    parser.add_argument(
-        "--dev",
-        action="store_true",
-        default=None,
-        help="trust the local development signing key in the data directory",
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         help="trusted issuer public key (PEM); repeatable",
     )
     serve.add_argument("--issuer", help="expected token issuer (iss)")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        default=None,
+        help="also trust the local development signing key that `token mint` uses",
+    )
     serve.add_argument("--audience", help="expected token audience (aud)")
 
     tenants = commands.add_parser("tenants", help="manage tenants")
@@ -110,7 +110,6 @@ def _config(args: argparse.Namespace, **extra: Any) -> GatewayConfig:
         "data_dir": args.data_dir,
         "database_url": args.database_url,
         "redis_url": args.redis_url,
-        "dev": args.dev,
         **extra,
     }
     return load_config(args.config, overrides)
@@ -186,15 +185,12 @@ def _mint(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     if args.command == "serve":
-        tls = None
-        if args.tls_cert or args.tls_key:
-            if not (args.tls_cert and args.tls_key):
-                raise UsageError("--tls-cert and --tls-key go together")
-            tls = {"cert_file": args.tls_cert, "key_file": args.tls_key}
         config = _config(
             args,
             grpc_listen=args.grpc_listen,
-            tls=tls,
+            dev=args.dev,
+            # Merged key by key with the file's tls section, so either flag may complete it.
+            tls={"cert_file": args.tls_cert, "key_file": args.tls_key},
             auth={
                 "jwks_url": args.jwks_url,
                 "public_key_files": args.public_key,

@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from ingest_service.parameters import ParameterSpec
+from ingest_service.parameters import ParameterRegistry, ParameterSpec
 
 __all__ = [
     "AuthConfig",
@@ -54,6 +54,8 @@ def parse_duration(value: Any) -> Any:
             raise ValueError(f"{value!r} is not a duration such as '200ms', '5s', '2m', '1h', '7d'")
         return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{value} is negative; a duration is 0 or more")
         return timedelta(seconds=value)
     return value
 
@@ -88,7 +90,18 @@ class AuthConfig(_Strict):
     tenant_claim: str = "tenant_id"
     required_scope: str = "api:ingest"
     leeway: Duration = timedelta(seconds=30)
-    algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
+    algorithms: tuple[str, ...] = (
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "ES512",
+        "EdDSA",
+    )
 
     @field_validator("algorithms")
     @classmethod
@@ -107,8 +120,14 @@ class StorageConfig(_Strict):
     pool_min_size: int = Field(default=2, ge=1)
     pool_max_size: int = Field(default=10, ge=1)
     statement_timeout: Duration = timedelta(seconds=30)
+    connect_timeout: Duration = timedelta(seconds=5)
+    # A batch's whole write, retries included, must finish within this or the call fails with
+    # UNAVAILABLE and the sender resends (which is harmless).
+    batch_timeout: Duration = timedelta(seconds=15)
     partitions_ahead_days: int = Field(default=2, ge=0, le=60)
     future_tolerance: Duration = timedelta(minutes=5)
+    # Points older than this are refused: it bounds the day partitions one batch can create.
+    max_age: Duration = timedelta(days=3650)
 
 
 class GatewayConfig(_Strict):
@@ -122,7 +141,7 @@ class GatewayConfig(_Strict):
     dev: bool = False
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
-    cache_ttl: Duration = timedelta(seconds=300)
+    cache_ttl: Duration = Field(default=timedelta(seconds=300), ge=timedelta(seconds=1))
     max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     parameters: tuple[ParameterSpec, ...] = ()
 
@@ -134,15 +153,24 @@ class GatewayConfig(_Strict):
             raise ValueError(f"{value!r} is not HOST:PORT")
         return value
 
+    @field_validator("parameters")
+    @classmethod
+    def _registry_loads(cls, value: tuple[ParameterSpec, ...]) -> tuple[ParameterSpec, ...]:
+        # Unit errors (unknown, not convertible) are found now, with the rest of the problems.
+        ParameterRegistry.with_extra(value)
+        return value
+
     def token_key_problem(self) -> str | None:
-        """Why the gateway could not verify any token, or None. Only ``serve`` needs keys; the
+        """Why the gateway could not verify tokens, or None. Only ``serve`` needs keys; the
         admin commands load the same file without them."""
-        if self.dev or self.auth.jwks_url or self.auth.public_key_files:
-            return None
-        return (
-            "no key to verify tokens with: set auth.jwks_url or auth.public_key_files, "
-            "or run with --dev to trust the local development key"
-        )
+        if not (self.dev or self.auth.jwks_url or self.auth.public_key_files):
+            return (
+                "no key to verify tokens with: set auth.jwks_url or auth.public_key_files, "
+                "or run with --dev to trust the local development key"
+            )
+        if not self.issuer:
+            return "auth.issuer is required: tokens from any issuer would otherwise be accepted"
+        return None
 
     @property
     def issuer(self) -> str | None:

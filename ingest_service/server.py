@@ -16,7 +16,7 @@ from redis import asyncio as aioredis
 from ingest_service.audit import AuditLog
 from ingest_service.auth import AuthInterceptor, TokenVerifier
 from ingest_service.cache import LatestValueCache
-from ingest_service.config import GatewayConfig
+from ingest_service.config import ConfigError, GatewayConfig
 from ingest_service.devkeys import DevSigningKey
 from ingest_service.limits import AdmitAll
 from ingest_service.parameters import ParameterRegistry
@@ -68,6 +68,9 @@ class Gateway:
     async def start(self) -> int:
         """Connect to storage and cache, then listen; returns the bound port."""
         config = self.config
+        problem = config.token_key_problem()
+        if problem or not config.issuer:
+            raise ConfigError(problem or "auth.issuer is required")
         registry = ParameterRegistry.with_extra(config.parameters)
         self._storage = await Storage.connect(self._database_url, config.storage)
         self._audit = AuditLog(self._storage.pool)
@@ -84,7 +87,9 @@ class Gateway:
         pipeline = IngestPipeline(
             storage=self._storage,
             cache=self._cache,
-            validator=Validator(registry, config.storage.future_tolerance),
+            validator=Validator(
+                registry, config.storage.future_tolerance, config.storage.max_age
+            ),
             limiter=AdmitAll(),
             audit=self._audit,
         )

@@ -183,7 +183,7 @@ class IngestPipeline:
             ingest_pb2.Rejection(index=q.index, field=q.field, reason=q.reason)
             for q in validated.rejected
         ]
-        return _Outcome(stored, [] if stored.duplicate_batch else rejections)
+        return _Outcome(stored, rejections)
 
     async def _refuse(
         self,

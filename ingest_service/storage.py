@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
@@ -34,6 +35,7 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
@@ -75,6 +77,10 @@ _TRANSIENT = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.AdminShutdownError,
 )
+
+
+class _PartitionMissing(Exception):
+    """A write found no partition for its day although we thought one existed; retryable."""
 
 
 class DatabaseUnreachable(RuntimeError):
@@ -129,9 +135,11 @@ def _sql(name: str) -> str:
 class Storage:
     """The gateway's PostgreSQL storage: migrations, tenants, partitions and batch writes."""
 
-    def __init__(self, pool: asyncpg.Pool, config: StorageConfig) -> None:
+    def __init__(self, pool: asyncpg.Pool, config: StorageConfig, url: str) -> None:
         self.pool = pool
         self._config = config
+        self._url = url
+        self._health_conn: asyncpg.Connection | None = None
         self._tenants: dict[str, _TenantTables] = {}
         self._partitions: dict[str, set[date]] = {}
         self._partition_lock = asyncio.Lock()
@@ -146,24 +154,39 @@ class Storage:
                 min_size=config.pool_min_size,
                 max_size=max(config.pool_max_size, config.pool_min_size),
                 init=prepare_connection,
-                timeout=10,
+                timeout=config.connect_timeout.total_seconds(),
                 command_timeout=config.statement_timeout.total_seconds(),
-                server_settings={"application_name": "welltegra-ingest"},
+                # Day partitions are UTC days, whatever the server's own time zone is.
+                server_settings={"application_name": "welltegra-ingest", "timezone": "UTC"},
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise DatabaseUnreachable(
                 f"cannot reach the database at {describe_url(url)}: {exc or type(exc).__name__}"
             ) from exc
-        storage = cls(pool, config)
+        storage = cls(pool, config, url)
         await storage.migrate()
         return storage
 
     async def close(self) -> None:
-        await self.pool.close()
+        if self._health_conn is not None:
+            self._health_conn.terminate()
+        await asyncio.wait_for(self.pool.close(), self._config.connect_timeout.total_seconds())
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection whose acquire and release are both bounded in time: a database
+        that hangs (rather than refusing) must not hold a caller for ever. A connection that
+        cannot be reset in time is terminated instead of returned."""
+        timeout = self._config.connect_timeout.total_seconds()
+        conn = await self.pool.acquire(timeout=timeout)
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn, timeout=timeout)
 
     async def migrate(self) -> None:
         """Apply the control schema and every known tenant's schema; safe to run again."""
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
             try:
                 await conn.execute(_sql("001_control.sql"))
@@ -174,12 +197,19 @@ class Storage:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
     async def ping(self, timeout: float = 2.0) -> bool:
-        """Whether the database answers now."""
+        """Whether the database answers within ``timeout``. Uses a connection of its own, so a
+        pool exhausted by stuck calls cannot make a healthy database look down, nor a hung
+        database keep the answer waiting."""
         try:
-            async with asyncio.timeout(timeout), self.pool.acquire() as conn:
-                await conn.fetchval("SELECT 1")
+            async with asyncio.timeout(timeout):
+                if self._health_conn is None or self._health_conn.is_closed():
+                    self._health_conn = await asyncpg.connect(self._url, timeout=timeout)
+                await self._health_conn.fetchval("SELECT 1")
             return True
         except (TimeoutError, *_TRANSIENT, asyncpg.PostgresError):
+            if self._health_conn is not None:
+                self._health_conn.terminate()
+                self._health_conn = None
             return False
 
     # Tenants -----------------------------------------------------------------------------
@@ -187,7 +217,7 @@ class Storage:
     async def create_tenant(self, tenant_id: str) -> bool:
         """Register ``tenant_id`` and create its schema; False if it already existed."""
         check_tenant_id(tenant_id)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             inserted = await conn.fetchval(
                 "INSERT INTO welltegra.tenants (tenant_id, schema_name) VALUES ($1, $2)"
@@ -202,7 +232,7 @@ class Storage:
         """Delete ``tenant_id``: its schema with every stored point, and its registration.
         Audit rows stay. False if there was no such tenant."""
         check_tenant_id(tenant_id)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             # Under the migration lock, so a gateway starting meanwhile cannot re-create it.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             deleted = await conn.fetchval(
@@ -278,16 +308,19 @@ class Storage:
             name = await conn.fetchval(
                 "SELECT quote_ident($1)", f"real_time_parameters_p{day:%Y%m%d}"
             )
-            # Bounds are formatted from date objects, never from request text.
+            # Bounds are formatted from date objects, never from request text, as UTC instants.
             start, end = day.isoformat(), (day + timedelta(days=1)).isoformat()
-            # Another gateway may create it between our check and our create: that is fine.
+            # Another gateway may create it between our check and our create: that is fine. The
+            # savepoint keeps a caller's transaction usable after that error.
             with contextlib.suppress(
                 asyncpg.exceptions.DuplicateTableError, asyncpg.UniqueViolationError
             ):
-                await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {tables.schema}.{name}"
-                    f" PARTITION OF {tables.points} FOR VALUES FROM ('{start}') TO ('{end}')"
-                )
+                async with conn.transaction():
+                    await conn.execute(
+                        f"CREATE TABLE IF NOT EXISTS {tables.schema}.{name}"
+                        f" PARTITION OF {tables.points}"
+                        f" FOR VALUES FROM ('{start} 00:00+00') TO ('{end} 00:00+00')"
+                    )
             known.add(day)
 
     async def _ensure_partitions(
@@ -311,18 +344,21 @@ class Storage:
     ) -> BatchOutcome:
         """Commit ``batch`` for ``tenant_id`` in one transaction, with retries on transient
         errors; ``StorageUnavailable`` when the database stays away."""
+        budget = self._config.batch_timeout.total_seconds()
+        deadline = asyncio.get_running_loop().time() + budget
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(_TRANSIENT),
-                stop=stop_after_attempt(3),
-                wait=wait_exponential_jitter(multiplier=0.1, max=1.0, jitter=0.1),
-                reraise=True,
-            ):
-                with attempt:
-                    return await self._store_once(
-                        tenant_id, batch, ingestion_id, agent_id, batch_sequence
-                    )
-        except (*_TRANSIENT, asyncpg.PostgresError, TimeoutError) as exc:
+            async with asyncio.timeout_at(deadline):
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type((*_TRANSIENT, _PartitionMissing)),
+                    stop=stop_after_attempt(3) | stop_after_delay(budget),
+                    wait=wait_exponential_jitter(multiplier=0.1, max=1.0, jitter=0.1),
+                    reraise=True,
+                ):
+                    with attempt:
+                        return await self._store_once(
+                            tenant_id, batch, ingestion_id, agent_id, batch_sequence, deadline
+                        )
+        except (*_TRANSIENT, _PartitionMissing, asyncpg.PostgresError, TimeoutError) as exc:
             log.warning("storing batch %s for %s failed: %r", ingestion_id, tenant_id, exc)
             raise StorageUnavailable("storage is unavailable; retry later") from exc
         raise AssertionError("unreachable: AsyncRetrying either returns or raises")
@@ -334,44 +370,93 @@ class Storage:
         ingestion_id: str,
         agent_id: str | None,
         batch_sequence: int | None,
+        deadline: float,
     ) -> BatchOutcome:
-        async with self.pool.acquire() as conn:
-            tables = await self._tenant(conn, tenant_id)
-            await self._ensure_partitions(
-                conn, tenant_id, tables, {p.timestamp.date() for p in batch.accepted}
+        try:
+            return await self._write(
+                tenant_id, batch, ingestion_id, agent_id, batch_sequence, deadline
             )
-            async with conn.transaction():
-                ledgered = agent_id is not None and batch_sequence is not None
-                if ledgered:
-                    claimed = await conn.fetchval(
-                        f"INSERT INTO {tables.ledger} (agent_id, batch_sequence, ingestion_id)"
-                        " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true",
-                        agent_id,
-                        batch_sequence,
-                        ingestion_id,
-                    )
-                    if not claimed:
-                        total = len(batch.accepted) + len(batch.rejected)
-                        return BatchOutcome(0, 0, total, duplicate_batch=True)
-                accepted = await self._insert_points(conn, tables, tenant_id, batch, ingestion_id)
-                if batch.rejected:
-                    await self._quarantine(conn, tables, batch.rejected, ingestion_id)
-                outcome = BatchOutcome(
-                    accepted=accepted,
-                    rejected=len(batch.rejected),
-                    duplicate=len(batch.accepted) - accepted,
+        except asyncpg.CheckViolationError as exc:
+            if "no partition" not in str(exc):
+                raise
+            # A partition we remembered is gone (dropped by an operator): forget what we know
+            # of this tenant's partitions and let the retry create it again.
+            self._partitions.pop(tenant_id, None)
+            raise _PartitionMissing(str(exc)) from exc
+
+    async def _write(
+        self,
+        tenant_id: str,
+        batch: ValidatedBatch,
+        ingestion_id: str,
+        agent_id: str | None,
+        batch_sequence: int | None,
+        deadline: float,
+    ) -> BatchOutcome:
+        async with self._connection() as conn:
+            # Cancelling a query does not end the wait on a hung server (the rollback that
+            # follows waits too); closing the socket at the deadline ends every wait at once.
+            watchdog = asyncio.get_running_loop().call_at(deadline, conn.terminate)
+            try:
+                return await self._write_on(
+                    conn, tenant_id, batch, ingestion_id, agent_id, batch_sequence
                 )
-                if ledgered:
-                    await conn.execute(
-                        f"UPDATE {tables.ledger} SET accepted_count = $3, rejected_count = $4,"
-                        " duplicate_count = $5 WHERE agent_id = $1 AND batch_sequence = $2",
-                        agent_id,
-                        batch_sequence,
-                        outcome.accepted,
-                        outcome.rejected,
-                        outcome.duplicate,
+            finally:
+                watchdog.cancel()
+
+    async def _write_on(
+        self,
+        conn: asyncpg.Connection,
+        tenant_id: str,
+        batch: ValidatedBatch,
+        ingestion_id: str,
+        agent_id: str | None,
+        batch_sequence: int | None,
+    ) -> BatchOutcome:
+        tables = await self._tenant(conn, tenant_id)
+        await self._ensure_partitions(
+            conn, tenant_id, tables, {p.timestamp.date() for p in batch.accepted}
+        )
+        async with conn.transaction():
+            ledgered = agent_id is not None and batch_sequence is not None
+            if ledgered:
+                claimed = await conn.fetchval(
+                    f"INSERT INTO {tables.ledger} (agent_id, batch_sequence, ingestion_id)"
+                    " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true",
+                    agent_id,
+                    batch_sequence,
+                    ingestion_id,
+                )
+                if not claimed:
+                    # Committed before: its valid points are stored, its refused ones are
+                    # in quarantine already. Nothing is written again.
+                    return BatchOutcome(
+                        accepted=0,
+                        rejected=len(batch.rejected),
+                        duplicate=len(batch.accepted),
+                        duplicate_batch=True,
                     )
-                return outcome
+            accepted = await self._insert_points(
+                conn, tables, tenant_id, batch, ingestion_id, agent_id, batch_sequence
+            )
+            if batch.rejected:
+                await self._quarantine(conn, tables, batch.rejected, ingestion_id)
+            outcome = BatchOutcome(
+                accepted=accepted,
+                rejected=len(batch.rejected),
+                duplicate=len(batch.accepted) - accepted,
+            )
+            if ledgered:
+                await conn.execute(
+                    f"UPDATE {tables.ledger} SET accepted_count = $3, rejected_count = $4,"
+                    " duplicate_count = $5 WHERE agent_id = $1 AND batch_sequence = $2",
+                    agent_id,
+                    batch_sequence,
+                    outcome.accepted,
+                    outcome.rejected,
+                    outcome.duplicate,
+                )
+            return outcome
 
     async def _insert_points(
         self,
@@ -380,6 +465,8 @@ class Storage:
         tenant_id: str,
         batch: ValidatedBatch,
         ingestion_id: str,
+        agent_id: str | None,
+        batch_sequence: int | None,
     ) -> int:
         if not batch.accepted:
             return 0
@@ -387,12 +474,16 @@ class Storage:
         await conn.copy_records_to_table(
             "wt_staging", columns=STAGING_COLUMNS, records=batch.accepted
         )
+        columns = ", ".join(STAGING_COLUMNS)
         status = await conn.execute(
-            f"INSERT INTO {tables.points} (tenant_id, ingestion_id, {', '.join(STAGING_COLUMNS)})"
-            f" SELECT $1, $2, {', '.join(STAGING_COLUMNS)} FROM pg_temp.wt_staging"
+            f"INSERT INTO {tables.points}"
+            f" (tenant_id, ingestion_id, agent_id, batch_sequence, {columns})"
+            f" SELECT $1, $2, $3, $4, {columns} FROM pg_temp.wt_staging"
             " ON CONFLICT (well_id, parameter_name, ts) DO NOTHING",
             tenant_id,
             ingestion_id,
+            agent_id,
+            batch_sequence,
         )
         # The status is "INSERT 0 <rows>": the rows that were new. Staging empties itself at
         # commit (ON COMMIT DELETE ROWS), and a rolled-back transaction leaves no rows behind.

@@ -93,9 +93,15 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 class Validator:
     """Checks batches against the structural rules and the parameter registry."""
 
-    def __init__(self, registry: ParameterRegistry, future_tolerance: timedelta) -> None:
+    def __init__(
+        self,
+        registry: ParameterRegistry,
+        future_tolerance: timedelta,
+        max_age: timedelta = timedelta(days=3650),
+    ) -> None:
         self._registry = registry
         self._future_tolerance = future_tolerance
+        self._max_age = max_age
 
     def validate(
         self,
@@ -112,7 +118,9 @@ class Validator:
                 "data_points", f"must hold 1 to {MAX_POINTS} points, not {len(points)}"
             )
             raise InvalidRequest("Invalid data schema", [count])
-        latest_allowed = (now or datetime.now(UTC)) + self._future_tolerance
+        now = now or datetime.now(UTC)
+        latest_allowed = now + self._future_tolerance
+        oldest_allowed = now - self._max_age
         lookup = self._registry.get
         accepted: list[StoredPoint] = []
         rejected: list[QuarantinedPoint] = []
@@ -128,9 +136,9 @@ class Validator:
                 parameter is None
                 or conversion is None
                 or not parameter.in_range(canonical)
-                or timestamp > latest_allowed
+                or not oldest_allowed <= timestamp <= latest_allowed
             ):
-                field, reason = self._refusal(index, point, canonical, timestamp)
+                field, reason = self._refusal(index, point, canonical, timestamp, now)
                 rejected.append(
                     QuarantinedPoint(
                         index=index,
@@ -162,7 +170,12 @@ class Validator:
         return ValidatedBatch(accepted=accepted, rejected=rejected)
 
     def _refusal(
-        self, index: int, point: ingest_pb2.DataPoint, canonical: float, timestamp: datetime
+        self,
+        index: int,
+        point: ingest_pb2.DataPoint,
+        canonical: float,
+        timestamp: datetime,
+        now: datetime,
     ) -> tuple[str, str]:
         """The field at fault and the reason, for a point that broke a domain rule."""
         path = f"data_points[{index}]"
@@ -186,10 +199,16 @@ class Validator:
                 f"{parameter.min:g}..{parameter.max:g} {parameter.canonical_unit} "
                 f"of {parameter.name}",
             )
+        if timestamp > now:
+            return (
+                f"{path}.timestamp",
+                f"{timestamp.isoformat()} is more than "
+                f"{self._future_tolerance.total_seconds():g}s in the future",
+            )
         return (
             f"{path}.timestamp",
-            f"{timestamp.isoformat()} is more than "
-            f"{self._future_tolerance.total_seconds():g}s in the future",
+            f"{timestamp.isoformat()} is older than the accepted "
+            f"{self._max_age.days} days",
         )
 
 

@@ -1,5 +1,5 @@
-"""A TCP proxy on loopback that a test can cut and restore: a real network outage between the
-gateway and a server, without touching the server itself."""
+"""A TCP proxy on loopback that a test can cut, freeze and restore: a real network outage
+between the gateway and a server (refused, or silently hanging), without touching the server."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ class CuttableProxy:
         self._port = target_port
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.port = 0
 
     @classmethod
@@ -46,8 +48,16 @@ class CuttableProxy:
             writer.transport.abort()
         self._writers.clear()
 
+    def freeze(self) -> None:
+        """Keep every connection open but pass no more bytes, like a hung server or a black-holed
+        route: the hardest outage, since nothing ever fails by itself."""
+        self._flowing.clear()
+
     async def restore(self) -> None:
-        await self.start()
+        """Undo ``cut`` or ``freeze``."""
+        self._flowing.set()
+        if self._server is None:
+            await self.start()
 
     async def _open_target(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._port is None:
@@ -68,6 +78,7 @@ class CuttableProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()

@@ -171,7 +171,8 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path, cli_env: dict[str, str]) 
             "grpc_listen: Value error, 'nonsense' is not HOST:PORT",
         ),
         (["serve"], "no key to verify tokens with"),
-        (["serve", "--dev", "--tls-cert", "cert.pem"], "--tls-cert and --tls-key go together"),
+        (["serve", "--dev", "--tls-cert", "cert.pem"], "tls.key_file: Field required"),
+        (["serve", "--public-key", "key.pem"], "auth.issuer is required"),
         (
             ["token", "mint", "--tenant", "t1", "--ttl", "forever"],
             "--ttl: 'forever' is not a duration",

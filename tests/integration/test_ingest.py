@@ -81,6 +81,30 @@ async def test_stream_commits_every_batch(
         f'SELECT batch_sequence, accepted_count FROM "{tenant}_streams".batch_ledger ORDER BY 1'
     )
     assert [(r[0], r[1]) for r in ledger] == [(s, 200) for s in range(1, 6)]
+    origin = await db.fetch(
+        f'SELECT DISTINCT agent_id, batch_sequence FROM "{tenant}_streams".real_time_parameters'
+        " ORDER BY 2"
+    )
+    assert [tuple(r) for r in origin] == [("agent-1", s) for s in range(1, 6)]
+
+
+async def test_resent_batch_reports_its_rejections_again_without_writing(
+    stub: ingest_pb2_grpc.IngestServiceStub,
+    tenant: str,
+    make_token: TokenFactory,
+    db: asyncpg.Connection,
+) -> None:
+    batch = ingest_pb2.IngestRequest(
+        agent_id="agent-r", batch_sequence=7, data_points=[point(0), point(1, value=-5.0)]
+    )
+    first = await stub.Ingest(stream_of([batch]), metadata=auth(make_token(tenant)))
+    again = await stub.Ingest(stream_of([batch]), metadata=auth(make_token(tenant)))
+    assert (first.accepted_count, first.rejected_count, first.duplicate_count) == (1, 1, 0)
+    result = again.batches[0]
+    assert result.duplicate_batch
+    assert (result.accepted_count, result.rejected_count, result.duplicate_count) == (0, 1, 1)
+    assert [r.field for r in result.rejections] == ["data_points[1].value"]
+    assert await db.fetchval(f'SELECT count(*) FROM "{tenant}_streams".quarantine') == 1
 
 
 async def test_broken_stream_keeps_committed_batches_and_resend_is_duplicate(

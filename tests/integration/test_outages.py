@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -96,3 +97,41 @@ async def test_redis_outage_never_fails_an_ingest(
         assert no_redis.cache_failures == 1
     finally:
         await no_redis.stop(grace=1)
+
+
+async def test_a_hung_database_is_noticed_and_calls_end_in_time(
+    gateway_config: GatewayConfig,
+    database_url: str,
+    gateway: Gateway,
+    tenant: str,
+    make_token: TokenFactory,
+) -> None:
+    proxy, url_template = CuttableProxy.for_postgres(database_url)
+    await proxy.start()
+    storage = gateway_config.storage.model_copy(
+        update={"batch_timeout": timedelta(seconds=3), "connect_timeout": timedelta(seconds=2)}
+    )
+    hung = Gateway(
+        gateway_config.model_copy(update={"storage": storage}),
+        url_template.format(port=proxy.port),
+        None,
+    )
+    await hung.start()
+    try:
+        proxy.freeze()
+        await wait_for_health(hung.port, health_pb2.HealthCheckResponse.NOT_SERVING, seconds=10)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{hung.port}") as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                # The gateway's own bound (3 s) answers long before the client's deadline.
+                await stub.IngestRealtime(
+                    ingest_pb2.IngestRealtimeRequest(data_points=[point(0)]),
+                    metadata=auth(make_token(tenant)),
+                    timeout=20,
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            await proxy.restore()
+            await wait_for_health(hung.port, health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        await proxy.cut()
+        await hung.stop(grace=1)

@@ -47,6 +47,30 @@ async def test_partitions_are_created_ahead_and_on_demand(
     assert await db.fetchval(f'SELECT count(*) FROM "{tenant}_streams".real_time_parameters') == 1
 
 
+async def test_partitions_are_utc_days(
+    stub: ingest_pb2_grpc.IngestServiceStub,
+    tenant: str,
+    make_token: TokenFactory,
+    database_url: str,
+) -> None:
+    # 23:30Z and 01:00Z the next day belong to different UTC days, whatever the server's or
+    # the reader's time zone; read them from a session in New York to be sure.
+    late, early = point(9 * 3600), point(10 * 3600 + 1800)  # 2025-11-06T23:30Z, 11-07T01:00Z
+    await stub.IngestRealtime(
+        ingest_pb2.IngestRealtimeRequest(data_points=[late, early]),
+        metadata=auth(make_token(tenant)),
+    )
+    conn = await asyncpg.connect(database_url, server_settings={"timezone": "America/New_York"})
+    try:
+        rows = await conn.fetch(
+            "SELECT tableoid::regclass::text AS part, ts"
+            f' FROM "{tenant}_streams".real_time_parameters ORDER BY ts'
+        )
+    finally:
+        await conn.close()
+    assert [r["part"].rsplit("_p", 1)[-1] for r in rows] == ["20251106", "20251107"]
+
+
 async def test_cache_keeps_the_newest_value(
     stub: ingest_pb2_grpc.IngestServiceStub,
     tenant: str,

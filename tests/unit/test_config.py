@@ -66,6 +66,13 @@ def test_environment_and_flags_take_precedence() -> None:
             ],
         ),
         ("not_mapping.yaml", ["the top level must be a mapping"]),
+        (
+            "bad_units.yaml",
+            [
+                "auth.leeway: Value error, -5 is negative",
+                "unit 'degC' cannot be converted to 'psi'",
+            ],
+        ),
         ("bad_yaml.yaml", ["not valid YAML"]),
     ],
 )
@@ -82,7 +89,9 @@ def test_missing_file() -> None:
         load_config(CONFIGS / "absent.yaml", environ={})
 
 
-def test_serving_needs_a_token_key() -> None:
+def test_serving_needs_a_token_key_and_an_issuer() -> None:
     config = load_config(environ={})
     assert "no key to verify tokens" in (config.token_key_problem() or "")
     assert load_config(overrides={"dev": True}, environ={}).token_key_problem() is None
+    jwks_only = load_config(overrides={"auth": {"jwks_url": "https://id.test/jwks"}}, environ={})
+    assert "auth.issuer is required" in (jwks_only.token_key_problem() or "")

@@ -136,3 +136,13 @@ def test_fast_check_agrees_with_detailed_violations() -> None:
         if rng.random() < 0.2:  # a known field with the wrong wire type, or a future field
             point.MergeFromString(rng.choice([b"\x22\x03abc", b"\x08\x01", b"\xa0\x06\x01"]))
         assert _well_formed(point) == (not _point_violations(0, point)), point
+
+
+def test_points_older_than_the_horizon_are_refused() -> None:
+    validator = Validator(ParameterRegistry(), timedelta(minutes=5), max_age=timedelta(days=30))
+    old = dp()
+    old.timestamp.FromDatetime(NOW - timedelta(days=31))
+    result = validator.validate([old, dp()], now=NOW)
+    assert len(result.accepted) == 1
+    assert result.rejected[0].field == "data_points[0].timestamp"
+    assert "older than the accepted 30 days" in result.rejected[0].reason
