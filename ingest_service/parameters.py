@@ -137,13 +137,21 @@ def _conversion(unit: str, canonical_unit: str) -> Conversion:
     source = UNIT_ALIASES.get(unit, unit)
     target = UNIT_ALIASES.get(canonical_unit, canonical_unit)
     try:
-        zero = ureg.Quantity(0.0, source).to(target).magnitude
-        one = ureg.Quantity(1.0, source).to(target).magnitude
+        zero, one, big = (
+            float(ureg.Quantity(x, source).to(target).magnitude) for x in (0.0, 1.0, 1000.0)
+        )
     except pint.errors.UndefinedUnitError as exc:
         raise RegistryError(f"unknown unit {exc.unit_names!r}") from exc
     except pint.errors.DimensionalityError as exc:
         raise RegistryError(f"unit {unit!r} cannot be converted to {canonical_unit!r}") from exc
-    return Conversion(scale=float(one - zero), offset=float(zero))
+    except (ValueError, ArithmeticError) as exc:
+        raise RegistryError(f"unit {unit!r}: {exc}") from exc
+    conversion = Conversion(scale=one - zero, offset=zero)
+    # Logarithmic units (dB, dBm) convert, but not as value * scale + offset: refuse them
+    # rather than store wrong numbers.
+    if not math.isclose(conversion.apply(1000.0), big, rel_tol=1e-9, abs_tol=1e-9):
+        raise RegistryError(f"unit {unit!r} does not convert to {canonical_unit!r} linearly")
+    return conversion
 
 
 class ParameterRegistry:

@@ -80,6 +80,7 @@ def test_registry_is_extended_and_overridden_by_configuration() -> None:
             dict(name="x_pressure", canonical_unit="psi", units=("degC",), min=0, max=1),
             "cannot be converted",
         ),
+        (dict(name="x_power", canonical_unit="mW", units=("dBm",), min=0, max=1), "linearly"),
     ],
 )
 def test_bad_units_are_refused_at_load(spec: dict[str, object], message: str) -> None:
