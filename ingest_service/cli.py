@@ -33,6 +33,7 @@ from ingest_service.config import (
 )
 from ingest_service.devkeys import DevSigningKey
 from ingest_service.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
+from ingest_service.envoy_front import ENVOY_DIR, EnvoyError, EnvoyFront
 from ingest_service.errors import GatewayError
 from ingest_service.server import Gateway, ListenError
 from ingest_service.storage import DatabaseUnreachable, Storage
@@ -74,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="trusted issuer public key (PEM); repeatable",
     )
+    serve.add_argument(
+        "--envoy-listen",
+        metavar="HOST:PORT",
+        help="also run Envoy here: TLS 1.3, REST (POST /v1/ingest/realtime) and gRPC",
+    )
+    serve.add_argument("--envoy-cert", type=Path, help="Envoy's certificate (default: self-signed)")
+    serve.add_argument("--envoy-key", type=Path, help="Envoy's private key")
     serve.add_argument("--issuer", help="expected token issuer (iss)")
     serve.add_argument(
         "--dev",
@@ -139,13 +147,32 @@ async def _serve(config: GatewayConfig) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        front: EnvoyFront | None = None
         try:
             port = await gateway.start()
             host = config.grpc_listen.rpartition(":")[0]
             print(f"welltegra-ingest: serving gRPC on {host}:{port}", flush=True)
+            if config.envoy is not None:
+                front = EnvoyFront(
+                    config.data_dir,
+                    config.envoy.listen,
+                    upstream_port=port,
+                    cert_file=config.envoy.cert_file,
+                    key_file=config.envoy.key_file,
+                    config_dir=config.envoy.config_dir or ENVOY_DIR,
+                )
+                envoy_port = await asyncio.to_thread(front.start)
+                envoy_host = config.envoy.listen.rpartition(":")[0]
+                print(
+                    f"welltegra-ingest: serving REST and gRPC over TLS 1.3 on"
+                    f" {envoy_host}:{envoy_port} (certificate {front.certificate})",
+                    flush=True,
+                )
             await stop.wait()
             log.info("shutting down")
         finally:
+            if front is not None:
+                front.stop()
             await gateway.stop()
 
 
@@ -189,8 +216,13 @@ def _run(args: argparse.Namespace) -> None:
             args,
             grpc_listen=args.grpc_listen,
             dev=args.dev,
-            # Merged key by key with the file's tls section, so either flag may complete it.
+            # Merged key by key with the file's sections, so a flag may complete a section.
             tls={"cert_file": args.tls_cert, "key_file": args.tls_key},
+            envoy={
+                "listen": args.envoy_listen,
+                "cert_file": args.envoy_cert,
+                "key_file": args.envoy_key,
+            },
             auth={
                 "jwks_url": args.jwks_url,
                 "public_key_files": args.public_key,
@@ -222,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DatabaseUnreachable,
         EmbeddedServerError,
         ListenError,
+        EnvoyError,
         GatewayError,
     ) as exc:
         print(f"welltegra-ingest: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -29,6 +30,7 @@ __all__ = [
     "AuthConfig",
     "ConfigError",
     "Duration",
+    "EnvoyConfig",
     "GatewayConfig",
     "StorageConfig",
     "TlsConfig",
@@ -72,6 +74,27 @@ class TlsConfig(_Strict):
 
     cert_file: Path
     key_file: Path
+
+
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_host_port)]
+
+
+class EnvoyConfig(_Strict):
+    """The local Envoy front (``serve --envoy-listen``): TLS 1.3, REST and gRPC on one port."""
+
+    listen: HostPort
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    config_dir: Path | None = Field(
+        default=None, description="Folder with envoy.yaml and error_body.lua; default envoy/."
+    )
 
 
 class AuthConfig(_Strict):
@@ -133,25 +156,18 @@ class StorageConfig(_Strict):
 class GatewayConfig(_Strict):
     """Everything `welltegra-ingest serve` and the admin commands need."""
 
-    grpc_listen: str = "127.0.0.1:50051"
+    grpc_listen: HostPort = "127.0.0.1:50051"
     data_dir: Path = Path(".welltegra")
     database_url: str | None = None
     redis_url: str | None = None
     tls: TlsConfig | None = None
+    envoy: EnvoyConfig | None = None
     dev: bool = False
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
     cache_ttl: Duration = Field(default=timedelta(seconds=300), ge=timedelta(seconds=1))
     max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     parameters: tuple[ParameterSpec, ...] = ()
-
-    @field_validator("grpc_listen")
-    @classmethod
-    def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"{value!r} is not HOST:PORT")
-        return value
 
     @field_validator("parameters")
     @classmethod

@@ -1,5 +1,6 @@
-"""The local development signing key: tokens for the demo, tests and self-hosting without an
-identity provider.
+"""Development key material kept in the data directory: the signing key for tokens (the demo,
+tests and self-hosting without an identity provider) and a self-signed TLS certificate for the
+local Envoy front.
 
 The key is an ES256 (P-256) key pair kept in the data directory (private key readable by its
 owner only). ``welltegra-ingest token mint`` signs with it; ``welltegra-ingest serve --dev``
@@ -8,19 +9,23 @@ trusts its public half. Production trusts an identity provider's JWKS instead.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import time
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import jwt
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from ingest_service.config import DEV_ISSUER
 
-__all__ = ["DevSigningKey"]
+__all__ = ["DevSigningKey", "ensure_dev_certificate"]
 
 
 class DevSigningKey:
@@ -85,3 +90,43 @@ class DevSigningKey:
             tenant_claim: tenant_id,
         }
         return jwt.encode(claims, self._private_key, algorithm="ES256", headers={"kid": self.kid})
+
+
+def ensure_dev_certificate(
+    directory: Path, hosts: Iterable[str] = ("localhost",)
+) -> tuple[Path, Path]:
+    """A self-signed TLS certificate and key for ``hosts`` plus 127.0.0.1 and ::1, created in
+    ``directory`` on first use and kept (key readable by its owner only). For laptops and tests:
+    production mounts a certificate from a real authority."""
+    cert_path, key_path = directory / "dev-tls.crt", directory / "dev-tls.key"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = list(dict.fromkeys(hosts))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.now(UTC)
+    alternatives: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
+    alternatives += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1")]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(key_pem)
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
