@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ingest_service.config import GatewayConfig, load_config
 from ingest_service.embedded import EmbeddedPostgres, EmbeddedRedis
+from ingest_service.envoy_front import EnvoyFront
 from ingest_service.server import Gateway
 from welltegra.ingest.v1 import ingest_pb2_grpc
 
@@ -161,3 +164,22 @@ async def tenant(gateway: Gateway) -> AsyncIterator[str]:
     await gateway.storage.pool.execute(
         "DELETE FROM system_monitoring.audit_log WHERE tenant_id = $1", name
     )
+
+
+@pytest.fixture(scope="session")
+def envoy_front(gateway: Gateway, embedded_dir: Path) -> Iterator[EnvoyFront]:
+    """A real Envoy (TLS 1.3, transcoding) in front of the session's gateway."""
+    front = EnvoyFront(embedded_dir / "front", "127.0.0.1:0", upstream_port=gateway.port)
+    front.start()
+    yield front
+    front.stop()
+
+
+@pytest.fixture
+async def rest(envoy_front: EnvoyFront) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP/2 client of the Envoy front that trusts its development certificate."""
+    context = ssl.create_default_context(cafile=str(envoy_front.certificate))
+    async with httpx.AsyncClient(
+        base_url=f"https://localhost:{envoy_front.port}", verify=context, http2=False, timeout=30
+    ) as client:
+        yield client
