@@ -52,8 +52,33 @@ end
 
 local ESCAPES = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
 
--- Plain text as the inside of a JSON string.
+-- Whether s is well-formed UTF-8 (LuaJIT has no utf8 library).
+local function valid_utf8(s)
+  local i, n = 1, #s
+  while i <= n do
+    local c = s:byte(i)
+    local size = (c < 0x80 and 1) or (c >= 0xC2 and c < 0xE0 and 2)
+      or (c >= 0xE0 and c < 0xF0 and 3) or (c >= 0xF0 and c < 0xF5 and 4)
+    if not size then
+      return false
+    end
+    for k = i + 1, i + size - 1 do
+      local b = s:byte(k)
+      if not b or b < 0x80 or b > 0xBF then
+        return false
+      end
+    end
+    i = i + size
+  end
+  return true
+end
+
+-- Plain text as the inside of a JSON string. Envoy's messages may quote the client's bytes,
+-- which need not be UTF-8; those become "?" so the body stays valid JSON.
 local function escape(text)
+  if not valid_utf8(text) then
+    text = text:gsub("[\128-\255]", "?")
+  end
   return (text:gsub('[%c"\\]', function(c)
     return ESCAPES[c] or string.format("\\u%04x", c:byte())
   end))
