@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install gen lint test demo bench clean
+.PHONY: install gen lint test demo serve bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ test: $(STAMP)  ## The whole suite (real Postgres, Redis, grpcurl)
 
 demo: $(STAMP)  ## Embedded Postgres and Redis, the gateway, a real batch through gRPC
 	$(BIN)/python scripts/demo.py
+
+serve: $(STAMP)  ## The gateway with Envoy on https://localhost:8443 (REST and gRPC), embedded servers
+	$(BIN)/welltegra-ingest serve --dev --data-dir .welltegra/demo --envoy-listen 127.0.0.1:8443
 
 bench: $(STAMP)  ## Benchmarks, each printing its figure beside its ceiling
 	$(BIN)/python bench/gateway_throughput.py

@@ -1,5 +1,6 @@
-"""The demo behind `make demo`: the gateway on an embedded PostgreSQL and Redis, a tenant, a
-development token, real batches over gRPC, and what was stored.
+"""The demo behind `make demo`: the gateway on an embedded PostgreSQL and Redis with Envoy in
+front (TLS 1.3), a tenant, a development token, an agent's batches over gRPC and a REST call,
+both through Envoy as in production, and what was stored.
 
 Everything runs through the same commands a user types (`welltegra-ingest serve`, `tenants
 create`, `token mint`); only the client calls and the final read are done from here.
@@ -12,6 +13,7 @@ import math
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+import httpx
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ingest_service.embedded import EmbeddedPostgres
@@ -79,40 +82,62 @@ def batches(start: datetime) -> list[ingest_pb2.IngestRequest]:
     return out
 
 
-async def send(address: str, token: str) -> None:
+async def send_grpc(front: str, certificate: bytes, token: str) -> None:
+    """What an edge agent does: sealed batches over one TLS gRPC stream, through Envoy."""
     metadata = (("authorization", f"Bearer {token}"),)
-    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
-    sealed = batches(start)
+    sealed = batches(datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10))
 
     async def stream() -> AsyncIterator[ingest_pb2.IngestRequest]:
         for batch in sealed:
             yield batch
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    credentials = grpc.ssl_channel_credentials(certificate)
+    async with grpc.aio.secure_channel(front, credentials) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         response = await stub.Ingest(stream(), metadata=metadata)
         print(
-            f"Ingest stream: {len(response.batches)} batches, accepted {response.accepted_count},"
-            f" duplicates {response.duplicate_count}"
+            f"gRPC Ingest stream: {len(response.batches)} batches,"
+            f" accepted {response.accepted_count}, duplicates {response.duplicate_count}"
         )
         resent = await stub.Ingest(stream(), metadata=metadata)
         print(
             f"Same stream resent: accepted {resent.accepted_count},"
             f" duplicates {resent.duplicate_count} (nothing stored twice)"
         )
-        realtime = await stub.IngestRealtime(
-            ingest_pb2.IngestRealtimeRequest(
-                tenant_id=TENANT,
-                data_points=[
-                    reading("WELL_001", "hookload", "klbs", 215.5, datetime.now(UTC)),
-                    reading("WELL_001", "wellhead_pressure", "psi", 99_999, datetime.now(UTC)),
-                ],
-            ),
-            metadata=metadata,
+
+
+def send_rest(front: str, certificate: Path, token: str) -> None:
+    """What a REST client does: the documented JSON, POST /v1/ingest/realtime, TLS 1.3."""
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    payload = {
+        "tenant_id": TENANT,
+        "data_points": [
+            {
+                "well_id": "WELL_001",
+                "timestamp": now,
+                "parameter_name": "hookload",
+                "value": 215.5,
+                "unit": "klbs",
+                "quality_code": "GOOD",
+                "source": "SCADA_OPC_UA",
+            },
+            {
+                "well_id": "WELL_001",
+                "timestamp": now,
+                "parameter_name": "wellhead_pressure",
+                "value": 99_999,
+                "unit": "psi",
+            },
+        ],
+    }
+    context = ssl.create_default_context(cafile=str(certificate))
+    with httpx.Client(base_url=f"https://{front}", verify=context, timeout=30) as client:
+        answer = client.post(
+            "/v1/ingest/realtime", json=payload, headers={"authorization": f"Bearer {token}"}
         )
-        print(f"IngestRealtime: {realtime.status}: {realtime.message}")
-        for rejection in realtime.rejections:
-            print(f"  rejected {rejection.field}: {rejection.reason}")
+        print(f"REST POST /v1/ingest/realtime -> {answer.status_code} {answer.text}")
+        refused = client.post("/v1/ingest/realtime", json=payload)
+        print(f"REST without a token -> {refused.status_code} {refused.text}")
 
 
 async def show_stored(database_url: str) -> None:
@@ -144,26 +169,42 @@ def main() -> None:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     print(f"Starting the gateway on an embedded PostgreSQL and Redis in {DATA_DIR} ...")
     server = subprocess.Popen(
-        [*CLI, "serve", "--dev", "--data-dir", str(DATA_DIR), "--grpc-listen", "127.0.0.1:0"],
+        [
+            *CLI,
+            "serve",
+            "--dev",
+            "--data-dir",
+            str(DATA_DIR),
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--envoy-listen",
+            "127.0.0.1:8443",
+        ],
         env=ENV,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert server.stdout is not None
-        match = re.search(r"serving gRPC on (\S+)", server.stdout.readline())
-        if not match:
+        gateway = re.search(r"serving gRPC on (\S+)", server.stdout.readline())
+        front = re.search(r"over TLS 1.3 on (\S+) \(certificate (.+)\)", server.stdout.readline())
+        if not (gateway and front):
             sys.exit("demo: the gateway did not start; see the lines above")
-        address = match.group(1)
-        print(f"Gateway serving gRPC on {address}")
+        address, certificate = front.group(1), Path(front.group(2))
+        print(f"Gateway serving gRPC on {gateway.group(1)}; Envoy in front on {address}")
         print(cli("tenants", "create", TENANT))
         token = cli("token", "mint", "--tenant", TENANT, "--ttl", "10m")
         print(f"Development token minted for {TENANT} (scope api:ingest, 10 minutes)\n")
-        asyncio.run(send(address, token))
+        asyncio.run(send_grpc(address, certificate.read_bytes(), token))
+        send_rest(address, certificate, token)
         postgres = EmbeddedPostgres(DATA_DIR)  # attaches to the server `serve` started
         asyncio.run(show_stored(postgres.start()))
         postgres.stop()
-        print("\nTry it while a gateway runs: .venv/bin/grpcurl -plaintext ADDRESS list")
+        print(
+            "\nWhile a gateway runs (make serve), try:\n"
+            f"  curl --cacert {certificate} https://localhost:8443/v1/ingest/realtime -d '{{}}'\n"
+            f"  .venv/bin/grpcurl -cacert {certificate} localhost:8443 list"
+        )
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
