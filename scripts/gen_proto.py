@@ -1,5 +1,8 @@
 """Regenerate gen/ from proto/, check that gen/ is up to date, or lint proto/.
 
+gen/ holds the Python modules, the descriptor set Envoy transcodes with, and openapi.yaml, the
+OpenAPI document of the REST surface (written by scripts/gen_openapi.py from the descriptor set).
+
     python scripts/gen_proto.py          # rewrite gen/ (make gen)
     python scripts/gen_proto.py --check  # exit 1 if gen/ is stale (used by a test)
     python scripts/gen_proto.py --lint   # buf lint, STANDARD rules (make lint-proto)
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +36,8 @@ GEN_DIR = ROOT / "gen"
 # workspace in buf.yaml, because buf cannot fetch googleapis from the BSR here.
 DEPS_DIR = ROOT / "build" / "proto-deps"
 DESCRIPTOR_SET = "welltegra_ingest.binpb"
+OPENAPI = "openapi.yaml"
+OPENAPI_SCRIPT = ROOT / "scripts" / "gen_openapi.py"
 # Not imported by our protos, but added to the descriptor set so that Envoy's
 # gRPC-JSON transcoder can render google.rpc.Status details of errors.
 DESCRIPTOR_EXTRAS = ("google/rpc/status.proto", "google/rpc/error_details.proto")
@@ -78,21 +84,31 @@ def protoc(*args: str) -> None:
         sys.exit(f"gen_proto: protoc failed ({result.returncode}): {' '.join(cmd)}")
 
 
-def generate(out: Path) -> None:
-    """Write the complete generated tree into the empty directory `out`."""
+def proto_sources() -> list[str]:
+    """The .proto files under proto/, relative to it."""
     # Sorted so the command line, and hence the output, never depends on
     # directory listing order.
-    sources = sorted(p.relative_to(PROTO_DIR).as_posix() for p in PROTO_DIR.rglob("*.proto"))
-    protoc(f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *sources)
-    # A separate run: the extras must be in the descriptor set but must not
-    # get Python modules here (googleapis-common-protos already provides them).
+    return sorted(p.relative_to(PROTO_DIR).as_posix() for p in PROTO_DIR.rglob("*.proto"))
+
+
+def write_descriptor_set(path: Path) -> None:
+    """The descriptor set Envoy transcodes with: imports, extras, and comments (source info)."""
+    # A separate run from the Python one: the extras must be in the descriptor set but must
+    # not get Python modules here (googleapis-common-protos already provides them).
     protoc(
-        f"--descriptor_set_out={out / DESCRIPTOR_SET}",
+        f"--descriptor_set_out={path}",
         "--include_imports",
         "--include_source_info",
-        *sources,
+        *proto_sources(),
         *DESCRIPTOR_EXTRAS,
     )
+
+
+def generate(out: Path) -> None:
+    """Write the complete generated tree into the empty directory `out`."""
+    sources = proto_sources()
+    protoc(f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *sources)
+    write_descriptor_set(out / DESCRIPTOR_SET)
     # protoc writes no __init__.py; make every directory holding modules a
     # regular package so setuptools, mypy and pytest all see the same thing.
     for module in list(out.rglob("*.py")):
@@ -100,6 +116,23 @@ def generate(out: Path) -> None:
         while package != out:
             (package / "__init__.py").touch()
             package = package.parent
+    openapi(out)
+
+
+def openapi(out: Path) -> None:
+    """Write out/openapi.yaml from out's descriptor set, importing out's fresh modules."""
+    # The generator imports ingest_service, which imports welltegra.*: `out` first on the path
+    # makes that the new code, so a missing or broken gen/ cannot stop its own regeneration.
+    # No bytecode, so no __pycache__ is written into `out` and then copied to gen/.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(out), os.environ.get("PYTHONPATH")])),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    cmd = [sys.executable, str(OPENAPI_SCRIPT), str(out / DESCRIPTOR_SET), str(out / OPENAPI)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env)
+    if result.returncode != 0:
+        sys.exit(f"gen_proto: {OPENAPI_SCRIPT.name} failed ({result.returncode})")
 
 
 def tree(root: Path) -> set[str]:
