@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -69,11 +69,20 @@ def grpcurl(
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
 
 
+@pytest.fixture
+async def cli_tenant(db: asyncpg.Connection) -> AsyncIterator[str]:
+    """A tenant name the test creates through the CLI; removed afterwards, pass or fail."""
+    tenant = f"cli_{os.getpid()}_{int(time.time())}"
+    yield tenant
+    await db.execute(f'DROP SCHEMA IF EXISTS "{tenant}_streams" CASCADE')
+    await db.execute("DELETE FROM welltegra.tenants WHERE tenant_id = $1", tenant)
+
+
 async def test_grpcurl_lists_describes_and_calls_through_reflection(
-    served: tuple[str, Path], cli_env: dict[str, str], db: asyncpg.Connection
+    served: tuple[str, Path], cli_env: dict[str, str], db: asyncpg.Connection, cli_tenant: str
 ) -> None:
     address, data_dir = served
-    tenant = f"cli_{os.getpid()}_{int(time.time())}"
+    tenant = cli_tenant
     created = run("tenants", "create", tenant, "--data-dir", str(data_dir), env=cli_env)
     assert created.stdout.strip() == f"tenant {tenant} created"
     again = run("tenants", "create", tenant, "--data-dir", str(data_dir), env=cli_env)
@@ -135,8 +144,6 @@ async def test_grpcurl_lists_describes_and_calls_through_reflection(
 
     listed_tenants = run("tenants", "list", "--data-dir", str(data_dir), env=cli_env).stdout.split()
     assert tenant in listed_tenants
-    await db.execute(f'DROP SCHEMA "{tenant}_streams" CASCADE')
-    await db.execute("DELETE FROM welltegra.tenants WHERE tenant_id = $1", tenant)
 
 
 def test_port_in_use_is_one_clear_line(tmp_path: Path, cli_env: dict[str, str]) -> None:
