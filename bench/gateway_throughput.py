@@ -204,7 +204,7 @@ async def _serve_gateway(
     tenants: list[str],
     profile_path: str | None,
 ) -> None:
-    gateway = Gateway(_gateway_config(data_dir), database_url, redis_url)
+    gateway = Gateway(gateway_config(data_dir), database_url, redis_url)
     try:
         try:
             port = await gateway.start()
@@ -232,7 +232,7 @@ async def _serve_gateway(
         await gateway.stop(grace=1)
 
 
-def _gateway_config(data_dir: str) -> GatewayConfig:
+def gateway_config(data_dir: str) -> GatewayConfig:
     # --dev: trust the development signing key in data_dir, which the parent mints tokens with.
     return load_config(
         overrides={"grpc_listen": "127.0.0.1:0", "data_dir": data_dir, "dev": True}, environ={}
@@ -314,7 +314,7 @@ def percentile(samples: Sequence[float], q: int) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
 
 
-def _ingest_callable(channel: grpc.aio.Channel) -> Any:
+def ingest_callable(channel: grpc.aio.Channel) -> Any:
     # No request serializer: the requests are already bytes, so the load generator spends no CPU
     # on protobuf while the clock runs.
     return channel.stream_unary(
@@ -435,7 +435,7 @@ async def raw_copy_phase(pool: asyncpg.Pool, tenant: str, streams: list[list[Bat
     return sum(len(r) for s in rows for r in s) / elapsed
 
 
-async def _count(pool: asyncpg.Pool, tenant: str) -> int:
+async def count_rows(pool: asyncpg.Pool, tenant: str) -> int:
     count: int = await pool.fetchval(f"SELECT count(*) FROM {_schema(tenant)}.real_time_parameters")
     return count
 
@@ -454,7 +454,7 @@ class Tenants:
         return [self.gateway, self.ceiling, self.raw]
 
 
-def _progress(message: str) -> None:
+def progress(message: str) -> None:
     # Progress goes to stderr: stdout carries the table and the JSON line only.
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
@@ -493,10 +493,10 @@ async def _one_run(
         tenants.raw: workload.points,
     }
     for tenant, rows in expected.items():
-        stored = await _count(pool, tenant)
+        stored = await count_rows(pool, tenant)
         if stored != rows:
             raise RuntimeError(f"{label}: {tenant} holds {stored} rows, expected {rows}")
-    _progress(
+    progress(
         f"{label}: gateway {result.gateway_pps:,.0f} pts/s, ceiling {result.ceiling_pps:,.0f}"
         f" pts/s, ratio {result.ratio:.2f}, p50 {result.percentile_ms(50):.1f} ms,"
         f" p99 {result.percentile_ms(99):.1f} ms"
@@ -504,7 +504,7 @@ async def _one_run(
     return result
 
 
-async def _cleanup(database_url: str, redis_url: str, tenants: list[str]) -> None:
+async def cleanup(database_url: str, redis_url: str, tenants: list[str]) -> None:
     """Drop what the benchmark created: schemas, tenant rows, audit rows and cache keys."""
     storage = await Storage.connect(database_url, StorageConfig(pool_min_size=1))
     try:
@@ -528,7 +528,7 @@ async def _cleanup(database_url: str, redis_url: str, tenants: list[str]) -> Non
 
 
 async def benchmark(args: argparse.Namespace, database_url: str, redis_url: str) -> dict[str, Any]:
-    _progress("building the workload")
+    progress("building the workload")
     workload = build_workload(args.points, args.streams, args.batch, args.latency_batches)
     warmup = Workload(
         streams=[s[: args.warmup_batches] for s in workload.streams],
@@ -543,13 +543,13 @@ async def benchmark(args: argparse.Namespace, database_url: str, redis_url: str)
 
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="wt-bench-") as data_dir:
-        config = _gateway_config(data_dir)
+        config = gateway_config(data_dir)
         key = DevSigningKey.load_or_create(config.dev_key_file)  # before the child loads it
         try:
             async with gateway_process(
                 data_dir, database_url, redis_url, all_tenants, args.gateway_profile
             ) as gateway:
-                _progress(f"gateway pid {gateway.pid} listening on 127.0.0.1:{gateway.port}")
+                progress(f"gateway pid {gateway.pid} listening on 127.0.0.1:{gateway.port}")
                 # One connection per stream, as separate agents would have; without a local
                 # subchannel pool grpc would share one TCP connection between the channels.
                 channels = [
@@ -566,9 +566,9 @@ async def benchmark(args: argparse.Namespace, database_url: str, redis_url: str)
                 )
                 try:
                     await asyncio.gather(*(c.channel_ready() for c in channels))
-                    ingests = [_ingest_callable(c) for c in channels]
+                    ingests = [ingest_callable(c) for c in channels]
                     for n, (label, tenants) in enumerate(labelled.items()):
-                        _progress(f"{label} …")
+                        progress(f"{label} …")
                         run = await _one_run(
                             label,
                             tenants,
@@ -585,8 +585,8 @@ async def benchmark(args: argparse.Namespace, database_url: str, redis_url: str)
                     await pool.close()
                     await asyncio.gather(*(c.close() for c in channels))
         finally:
-            _progress("dropping the benchmark's tenants")
-            await _cleanup(database_url, redis_url, all_tenants)
+            progress("dropping the benchmark's tenants")
+            await cleanup(database_url, redis_url, all_tenants)
     return _report(args, results, gateway_pid=gateway.pid)
 
 
@@ -657,15 +657,15 @@ def _print_table(
 # Command line
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
 
 
-def _batch_size(text: str) -> int:
-    value = _positive(text)
+def batch_size_arg(text: str) -> int:
+    value = positive_int(text)
     if value > MAX_BATCH:
         raise argparse.ArgumentTypeError(f"the gateway takes at most {MAX_BATCH} points a batch")
     return value
@@ -675,31 +675,31 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--points",
-        type=_positive,
+        type=positive_int,
         default=200_000,
         help="points per run for the gateway and for the ceiling (default 200000)",
     )
     parser.add_argument(
         "--streams",
-        type=_positive,
+        type=positive_int,
         default=4,
         help="concurrent Ingest streams = ceiling connections (default 4)",
     )
     parser.add_argument(
         "--batch",
-        type=_batch_size,
+        type=batch_size_arg,
         default=1000,
         help="points per batch, at most 1000 (default 1000)",
     )
     parser.add_argument(
         "--latency-batches",
-        type=_positive,
+        type=positive_int,
         help="one-batch calls per run for latency (default points / batch)",
     )
-    parser.add_argument("--runs", type=_positive, default=3, help="measured runs (default 3)")
+    parser.add_argument("--runs", type=positive_int, default=3, help="measured runs (default 3)")
     parser.add_argument(
         "--warmup-batches",
-        type=_positive,
+        type=positive_int,
         default=5,
         help="batches per stream in the warm-up (default 5)",
     )
@@ -722,7 +722,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _servers(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[str, str]]:
+def servers(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[str, str]]:
     """The given URLs, else embedded servers from the pip wheels, as the tests do."""
     with contextlib.ExitStack() as stack:
         database_url, redis_url = args.database_url, args.redis_url
@@ -730,12 +730,12 @@ def _servers(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[str, st
             from ingest_service.embedded import EmbeddedPostgres, EmbeddedRedis
 
             if not database_url:
-                _progress("no DATABASE_URL: starting an embedded PostgreSQL")
+                progress("no DATABASE_URL: starting an embedded PostgreSQL")
                 postgres = EmbeddedPostgres(data_dir)
                 stack.callback(postgres.stop)
                 database_url = postgres.start()
             if not redis_url:
-                _progress("no REDIS_URL: starting an embedded Redis")
+                progress("no REDIS_URL: starting an embedded Redis")
                 redis = EmbeddedRedis(data_dir)
                 stack.callback(redis.stop)
                 redis_url = redis.start()
@@ -749,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="bench: %(levelname)s %(name)s: %(message)s")
     with (
         tempfile.TemporaryDirectory(prefix="wt-bench-servers-") as servers_dir,
-        _servers(args, Path(servers_dir)) as (database_url, redis_url),
+        servers(args, Path(servers_dir)) as (database_url, redis_url),
     ):
         figures = asyncio.run(benchmark(args, database_url, redis_url))
     # The last line of the output, alone: for scripts and CI.

@@ -104,6 +104,11 @@ class EnvoyFront:
         self.admin_url = ""
 
     @property
+    def pid(self) -> int | None:
+        """Envoy's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def certificate(self) -> Path:
         """The certificate Envoy presents (a client trusts it to reach the front)."""
         assert self._cert_file is not None, "not started"
