@@ -123,7 +123,8 @@ end
 -- Envoy's own plain-text replies. The transcoder's JSON parse errors name the field, as in
 -- "data_points[0].value: invalid value \"abc\" for type TYPE_DOUBLE".
 local function from_text(status, body)
-  local text = body:gsub("^%s+", ""):gsub("%s+$", ""):sub(1, 500)
+  -- ": Root element must be a message." names no field: drop the empty path.
+  local text = body:gsub("^[%s:]+", ""):gsub("%s+$", ""):sub(1, 500)
   local violations = {}
   if status == "400" then
     local field, problem = text:match("^([%w_%.%[%]]+):%s*(.+)$")
@@ -191,5 +192,8 @@ function envoy_on_response(handle)
   headers:remove("grpc-status-details-bin")
   if retry then
     headers:replace("retry-after", tostring(retry))
+  end
+  if status == "401" then
+    headers:replace("www-authenticate", 'Bearer realm="welltegra", error="invalid_token"')
   end
 end

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from ingest_service.parameters import ParameterRegistry, ParameterSpec
@@ -95,6 +96,12 @@ class EnvoyConfig(_Strict):
     config_dir: Path | None = Field(
         default=None, description="Folder with envoy.yaml and error_body.lua; default envoy/."
     )
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> EnvoyConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (or neither, for a dev cert)")
+        return self
 
 
 class AuthConfig(_Strict):

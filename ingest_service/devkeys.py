@@ -100,7 +100,10 @@ def ensure_dev_certificate(
     production mounts a certificate from a real authority."""
     cert_path, key_path = directory / "dev-tls.crt", directory / "dev-tls.key"
     if cert_path.exists() and key_path.exists():
-        return cert_path, key_path
+        existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        # Renewed a month before it expires, so a long-lived laptop setup keeps working.
+        if existing.not_valid_after_utc - datetime.now(UTC) > timedelta(days=30):
+            return cert_path, key_path
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     names = list(dict.fromkeys(hosts))

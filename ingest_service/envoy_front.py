@@ -185,6 +185,25 @@ class EnvoyFront:
             time.sleep(0.05)
         raise EnvoyError(f"envoy did not start listening within {_START_TIMEOUT_SECONDS:.0f}s")
 
+    def _drain(self, grace: float) -> None:
+        # Envoy exits at once on SIGTERM; draining first closes the listener, sends GOAWAY on
+        # HTTP/2 connections and lets active requests complete.
+        with contextlib.suppress(OSError, ValueError):
+            request = urllib.request.Request(
+                f"{self.admin_url}/drain_listeners?graceful&inboundonly", method="POST"
+            )
+            urllib.request.urlopen(request, timeout=2).close()
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                with urllib.request.urlopen(
+                    f"{self.admin_url}/stats?filter=^http\\.ingress\\.downstream_rq_active$",
+                    timeout=2,
+                ) as response:
+                    text = response.read().decode()
+                if text.strip().endswith(": 0") or not text.strip():
+                    return
+                time.sleep(0.1)
+
     def _listener_port(self) -> int:
         with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
             with urllib.request.urlopen(f"{self.admin_url}/listeners?format=json", timeout=2) as r:
@@ -194,11 +213,13 @@ class EnvoyFront:
                     return int(listener["local_address"]["socket_address"]["port_value"])
         return 0
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop Envoy (drain for a moment, then terminate); safe to call at any time."""
+    def stop(self, grace: float = 5.0, timeout: float = 10.0) -> None:
+        """Stop taking connections, let requests in flight finish (up to ``grace`` seconds),
+        then terminate Envoy. Safe to call at any time."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
+        self._drain(grace)
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout)

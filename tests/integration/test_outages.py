@@ -4,14 +4,20 @@ an ingest, and both recover by themselves."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import ssl
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
+import httpx
 import pytest
+from google.protobuf.json_format import MessageToJson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ingest_service.config import GatewayConfig
+from ingest_service.envoy_front import EnvoyFront
 from ingest_service.server import Gateway
 from welltegra.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -133,5 +139,49 @@ async def test_a_hung_database_is_noticed_and_calls_end_in_time(
             await proxy.restore()
             await wait_for_health(hung.port, health_pb2.HealthCheckResponse.SERVING)
     finally:
+        await proxy.cut()
+        await hung.stop(grace=1)
+
+
+async def test_rest_client_sees_503_with_retry_after_while_storage_hangs(
+    tmp_path: Path,
+    gateway_config: GatewayConfig,
+    database_url: str,
+    gateway: Gateway,
+    tenant: str,
+    make_token: TokenFactory,
+) -> None:
+    proxy, url_template = CuttableProxy.for_postgres(database_url)
+    await proxy.start()
+    storage = gateway_config.storage.model_copy(update={"batch_timeout": timedelta(seconds=2)})
+    hung = Gateway(
+        gateway_config.model_copy(update={"storage": storage}),
+        url_template.format(port=proxy.port),
+        None,
+    )
+    await hung.start()
+    front = EnvoyFront(tmp_path, "127.0.0.1:0", upstream_port=hung.port)
+    await asyncio.to_thread(front.start)
+    context = ssl.create_default_context(cafile=str(front.certificate))
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"https://localhost:{front.port}", verify=context, timeout=30
+        ) as client:
+            payload = {"data_points": [json.loads(MessageToJson(point(0)))]}
+            headers = {"authorization": f"Bearer {make_token(tenant)}"}
+            for _ in range(50):  # Envoy sends traffic once its first health check passed
+                ok = await client.post("/v1/ingest/realtime", json=payload, headers=headers)
+                if ok.status_code == 200:
+                    break
+                await asyncio.sleep(0.2)
+            assert ok.status_code == 200, ok.text
+            proxy.freeze()
+            refused = await client.post("/v1/ingest/realtime", json=payload, headers=headers)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "storage_unavailable"
+        assert refused.json()["retry_after_seconds"] == 5
+        assert refused.headers["retry-after"] == "5"
+    finally:
+        await asyncio.to_thread(front.stop)
         await proxy.cut()
         await hung.stop(grace=1)

@@ -212,6 +212,8 @@ async def test_documented_errors(
     if detail is not None:
         assert {"field": detail[0], "error": detail[1]} in answer["details"]
     assert "grpc-status" not in response.headers
+    if status == 401:
+        assert response.headers["www-authenticate"].startswith("Bearer ")
     assert await stored_count(db, tenant) == 0
 
 
