@@ -163,9 +163,13 @@ function envoy_on_response(handle)
   else
     code, message, violations, retry = from_text(status, body)
   end
-  code = code or CODE_FOR_STATUS[status] or "error"
-  if code == "" then
+  if code == nil or code == "" then
     code = CODE_FOR_STATUS[status] or "error"
+  end
+  -- gRPC has one code for "too much" (RESOURCE_EXHAUSTED, 429); a message over the size limit
+  -- is 413 to an HTTP client, since waiting does not help.
+  if code == "payload_too_large" then
+    status = "413"
   end
   local parts = { '{"error":"', escape(code), '","message":"', message, '"' }
   if #violations > 0 then
@@ -185,6 +189,7 @@ function envoy_on_response(handle)
   end
   -- Fetched again: a headers handle taken before the body was read is no longer valid.
   local headers = handle:headers()
+  headers:replace(":status", status)
   headers:replace("content-type", "application/json")
   headers:replace("content-length", tostring(#documented))
   headers:remove("grpc-status")

@@ -98,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("name", help="tenant id, e.g. operator_shell_uk")
     listing = tenant_commands.add_parser("list", help="list provisioned tenants")
     _common(listing)
+    limits = tenant_commands.add_parser(
+        "set-limits", help="override the configured limits for one tenant (0 = back to default)"
+    )
+    _common(limits)
+    limits.add_argument("name")
+    limits.add_argument("--requests-per-minute", type=_count, metavar="N")
+    limits.add_argument("--max-message-bytes", type=_count, metavar="N")
+    limits.add_argument("--bytes-per-day", type=_count, metavar="N")
 
     token = commands.add_parser("token", help="development access tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -110,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     mint.add_argument("--ttl", default="1h", help="lifetime such as 15m, 1h, 1d (default 1h)")
     mint.add_argument("--subject", default="dev-client", help="the token's sub claim")
     return parser
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> GatewayConfig:
@@ -176,19 +190,37 @@ async def _serve(config: GatewayConfig) -> None:
             await gateway.stop()
 
 
-async def _with_storage(config: GatewayConfig, action: str, name: str | None) -> None:
+async def _tenants(config: GatewayConfig, args: argparse.Namespace) -> None:
     with _servers(config) as (database_url, _redis_url):
         storage = await Storage.connect(database_url, config.storage)
         try:
-            if action == "create":
-                assert name is not None
-                created = await storage.create_tenant(name)
-                print(f"tenant {name} {'created' if created else 'already exists'}")
+            if args.tenant_command == "create":
+                created = await storage.create_tenant(args.name)
+                print(f"tenant {args.name} {'created' if created else 'already exists'}")
+            elif args.tenant_command == "set-limits":
+                await _set_limits(storage, args)
             else:
                 for tenant in await storage.list_tenants():
                     print(tenant)
         finally:
             await storage.close()
+
+
+async def _set_limits(storage: Storage, args: argparse.Namespace) -> None:
+    given = {
+        name: getattr(args, name)
+        for name in ("requests_per_minute", "max_message_bytes", "bytes_per_day")
+        if getattr(args, name) is not None
+    }
+    if not given:
+        raise UsageError(
+            "give at least one of --requests-per-minute, --max-message-bytes, --bytes-per-day"
+        )
+    await storage.set_limit_overrides(args.name, {k: v or None for k, v in given.items()})
+    now = await storage.limit_overrides(args.name)
+    shown = ", ".join(f"{k}={v}" for k, v in now.items()) or "the configured defaults"
+    # Gateways cache overrides for limits.overrides_cache (30 s by default).
+    print(f"tenant {args.name} limits: {shown}")
 
 
 def _mint(config: GatewayConfig, args: argparse.Namespace) -> None:
@@ -235,7 +267,7 @@ def _run(args: argparse.Namespace) -> None:
             raise UsageError(problem)
         asyncio.run(_serve(config))
     elif args.command == "tenants":
-        asyncio.run(_with_storage(_config(args), args.tenant_command, getattr(args, "name", None)))
+        asyncio.run(_tenants(_config(args), args))
     elif args.command == "token":
         _mint(_config(args), args)
 

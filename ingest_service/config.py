@@ -33,6 +33,7 @@ __all__ = [
     "Duration",
     "EnvoyConfig",
     "GatewayConfig",
+    "LimitsConfig",
     "StorageConfig",
     "TlsConfig",
     "load_config",
@@ -160,6 +161,17 @@ class StorageConfig(_Strict):
     max_age: Duration = timedelta(days=3650)
 
 
+class LimitsConfig(_Strict):
+    """Per-tenant limits: the defaults, overridable per tenant (``tenants set-limits``)."""
+
+    enabled: bool = True
+    requests_per_minute: int = Field(default=100, ge=1)
+    bytes_per_day: int = Field(default=1_000_000_000, ge=1)
+    # Slower than this and Redis counts as down: limits then apply in-process.
+    redis_timeout: Duration = Field(default=timedelta(milliseconds=50), gt=timedelta(0))
+    overrides_cache: Duration = timedelta(seconds=30)
+
+
 class GatewayConfig(_Strict):
     """Everything `welltegra-ingest serve` and the admin commands need."""
 
@@ -172,6 +184,7 @@ class GatewayConfig(_Strict):
     dev: bool = False
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
+    limits: LimitsConfig = LimitsConfig()
     cache_ttl: Duration = Field(default=timedelta(seconds=300), ge=timedelta(seconds=1))
     max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     parameters: tuple[ParameterSpec, ...] = ()

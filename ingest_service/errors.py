@@ -6,6 +6,9 @@
     ├── TenantMismatch                PERMISSION_DENIED    tenant_mismatch      (HTTP 403)
     ├── UnknownTenant                 PERMISSION_DENIED    unknown_tenant       (HTTP 403)
     ├── InvalidRequest                INVALID_ARGUMENT     validation_error     (HTTP 400)
+    ├── LimitExceeded                 RESOURCE_EXHAUSTED   rate_limit_exceeded  (HTTP 429, retry)
+    │                                                      daily_volume_exceeded
+    ├── PayloadTooLarge               RESOURCE_EXHAUSTED   payload_too_large    (HTTP 413)
     └── StorageUnavailable            UNAVAILABLE          storage_unavailable  (HTTP 503, retry)
 
 Each error carries a ``google.rpc.ErrorInfo`` whose ``reason`` is the documented REST error code,
@@ -31,6 +34,8 @@ __all__ = [
     "InsufficientScope",
     "InvalidRequest",
     "InvalidToken",
+    "LimitExceeded",
+    "PayloadTooLarge",
     "StorageUnavailable",
     "TenantMismatch",
     "UnknownTenant",
@@ -128,6 +133,36 @@ class InvalidRequest(GatewayError):
         return [*super().details(), packed]
 
 
+def _retry_info(seconds: float) -> any_pb2.Any:
+    whole = int(seconds)
+    delay = duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return packed
+
+
+class LimitExceeded(GatewayError):
+    """A tenant is over its request rate or its daily volume; RetryInfo says when to retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retryable = True
+
+    def __init__(self, reason: str, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_seconds = retry_after_seconds
+
+    def details(self) -> list[any_pb2.Any]:
+        return [*super().details(), _retry_info(self.retry_after_seconds)]
+
+
+class PayloadTooLarge(GatewayError):
+    """A message over the tenant's size limit; waiting does not help, so no RetryInfo."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "payload_too_large"
+
+
 class StorageUnavailable(GatewayError):
     """The database cannot be reached or failed; the client should retry later."""
 
@@ -140,12 +175,7 @@ class StorageUnavailable(GatewayError):
         self.retry_after_seconds = retry_after_seconds
 
     def details(self) -> list[any_pb2.Any]:
-        retry = error_details_pb2.RetryInfo(
-            retry_delay=duration_pb2.Duration(seconds=self.retry_after_seconds)
-        )
-        packed = any_pb2.Any()
-        packed.Pack(retry)
-        return [*super().details(), packed]
+        return [*super().details(), _retry_info(self.retry_after_seconds)]
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: GatewayError) -> NoReturn:

@@ -18,7 +18,7 @@ from ingest_service.auth import AuthInterceptor, TokenVerifier
 from ingest_service.cache import LatestValueCache
 from ingest_service.config import ConfigError, GatewayConfig
 from ingest_service.devkeys import DevSigningKey
-from ingest_service.limits import AdmitAll
+from ingest_service.limits import AdmitAll, ConfiguredLimits, Limiter, LimitPolicy, RedisLimiter
 from ingest_service.parameters import ParameterRegistry
 from ingest_service.service import SERVICE_NAME, IngestPipeline
 from ingest_service.storage import Storage
@@ -48,6 +48,8 @@ class Gateway:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
+        self._limits_client: aioredis.Redis | None = None
+        self._redis_limiter: RedisLimiter | None = None
         self.port = 0
 
     @property
@@ -59,6 +61,11 @@ class Gateway:
     def cache_failures(self) -> int:
         """Batches whose latest values could not be cached (Redis away)."""
         return self._cache.failures if self._cache is not None else 0
+
+    @property
+    def limits_fallback_episodes(self) -> int:
+        """How often the limits fell back to in-process buckets (Redis away)."""
+        return self._redis_limiter.fallback_episodes if self._redis_limiter is not None else 0
 
     @property
     def audit(self) -> AuditLog:
@@ -87,16 +94,16 @@ class Gateway:
         pipeline = IngestPipeline(
             storage=self._storage,
             cache=self._cache,
-            validator=Validator(
-                registry, config.storage.future_tolerance, config.storage.max_age
-            ),
-            limiter=AdmitAll(),
+            validator=Validator(registry, config.storage.future_tolerance, config.storage.max_age),
+            limiter=self._limiter(),
             audit=self._audit,
         )
         server = grpc.aio.server(
             interceptors=[AuthInterceptor(verifier, self._audit, f"/{SERVICE_NAME}/")],
             options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
+                # The limits stage refuses what is over a tenant's limit, with a reason and an
+                # audit row; grpc itself only stops what is far beyond it.
+                ("grpc.max_receive_message_length", 2 * config.max_message_bytes),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
@@ -113,6 +120,29 @@ class Gateway:
         self._health_task = asyncio.create_task(self._watch_health(), name="health-watch")
         log.info("gateway listening on %s (port %d)", config.grpc_listen, self.port)
         return self.port
+
+    def _limiter(self) -> Limiter:
+        limits = self.config.limits
+        if not limits.enabled:
+            return AdmitAll()
+        defaults = LimitPolicy(
+            requests_per_minute=limits.requests_per_minute,
+            max_message_bytes=self.config.max_message_bytes,
+            bytes_per_day=limits.bytes_per_day,
+        )
+        client = None
+        if self._redis_url:
+            timeout = limits.redis_timeout.total_seconds()
+            # Its own client: the limits' short timeout must not apply to the cache.
+            client = aioredis.Redis.from_url(
+                self._redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+            self._limits_client = client
+        overrides = ConfiguredLimits(
+            defaults, self.storage.limit_overrides, limits.overrides_cache.total_seconds()
+        )
+        self._redis_limiter = RedisLimiter(client, overrides)
+        return self._redis_limiter
 
     def _listen(self, server: grpc.aio.Server) -> int:
         address = self.config.grpc_listen
@@ -180,5 +210,7 @@ class Gateway:
             await self._audit.close()
         if self._cache is not None:
             await self._cache.close()
+        if self._limits_client is not None:
+            await self._limits_client.aclose()
         if self._storage is not None:
             await self._storage.close()

@@ -7,7 +7,8 @@ anything is parsed, and a message that does not parse is a clear INVALID_ARGUMEN
 grpc's generic deserialisation error.
 
 ``Ingest`` commits each batch of the stream as it arrives. When a batch is refused, the stream
-ends with that batch's error (its ``batch_sequence`` in ``ErrorInfo.metadata``); the batches before
+ends with that batch's error (its ``batch_index`` in the stream and, once parsed, its
+``batch_sequence`` in ``ErrorInfo.metadata``); the batches before
 it stay committed, and a resend of them is answered as duplicates.
 """
 
@@ -126,7 +127,7 @@ class IngestPipeline:
     ) -> ingest_pb2.IngestResponse:
         principal = current_principal.get()
         response = ingest_pb2.IngestResponse()
-        async for raw in requests:
+        async for index, raw in _enumerate(requests, start=1):
             ingestion_id = new_ingestion_id()
             event = _call_event("Ingest", principal, context, ingestion_id)
             try:
@@ -143,6 +144,9 @@ class IngestPipeline:
                     batch_sequence=batch.batch_sequence,
                 )
             except GatewayError as error:
+                # Which batch of the stream failed: its position always (it may be refused before
+                # it is parsed), its sequence number when it could be read.
+                error.metadata["batch_index"] = str(index)
                 if event.batch_sequence is not None:
                     error.metadata["batch_sequence"] = str(event.batch_sequence)
                 await self._refuse(context, event, error)
@@ -208,6 +212,13 @@ class _Outcome:
         self.duplicate = stored.duplicate
         self.duplicate_batch = stored.duplicate_batch
         self.rejections = rejections
+
+
+async def _enumerate(items: AsyncIterator[bytes], start: int) -> AsyncIterator[tuple[int, bytes]]:
+    index = start
+    async for item in items:
+        yield index, item
+        index += 1
 
 
 def _check_batch_identity(batch: ingest_pb2.IngestRequest) -> None:

@@ -56,6 +56,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x5745_4C4C  # pg_advisory_lock key: one gateway migrates at a time
+# Control-schema files, applied in order at every start; each is idempotent.
+_MIGRATIONS = ("001_control.sql", "002_limits.sql")
+_LIMIT_COLUMNS = ("requests_per_minute", "max_message_bytes", "bytes_per_day")
 STAGING_COLUMNS = (
     "well_id",
     "parameter_name",
@@ -189,7 +192,8 @@ class Storage:
         async with self._connection() as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
             try:
-                await conn.execute(_sql("001_control.sql"))
+                for name in _MIGRATIONS:
+                    await conn.execute(_sql(name))
                 tenants = await conn.fetch("SELECT tenant_id FROM welltegra.tenants")
                 for row in tenants:
                     await self._create_tenant_schema(conn, row["tenant_id"])
@@ -243,6 +247,43 @@ class Storage:
         self._tenants.pop(tenant_id, None)
         self._partitions.pop(tenant_id, None)
         return bool(deleted)
+
+    async def limit_overrides(self, tenant_id: str) -> dict[str, int]:
+        """The tenant's own limits (only those set), by column name. Bounded in time: it runs
+        on every call's path (cached), and a hung database must not hold the call here."""
+        async with (
+            asyncio.timeout(self._config.connect_timeout.total_seconds()),
+            self._connection() as conn,
+        ):
+            row = await conn.fetchrow(
+                f"SELECT {', '.join(_LIMIT_COLUMNS)} FROM welltegra.tenant_limits"
+                " WHERE tenant_id = $1",
+                tenant_id,
+            )
+        return {k: v for k, v in (row or {}).items() if v is not None}
+
+    async def set_limit_overrides(self, tenant_id: str, overrides: dict[str, int | None]) -> None:
+        """Set (or with None, clear) a tenant's own limits; ``UnknownTenant`` if not created."""
+        unknown = set(overrides) - set(_LIMIT_COLUMNS)
+        if unknown:
+            raise ValueError(f"not a limit: {sorted(unknown)}")
+        async with self._connection() as conn, conn.transaction():
+            if not await conn.fetchval(
+                "SELECT true FROM welltegra.tenants WHERE tenant_id = $1", tenant_id
+            ):
+                raise UnknownTenant(f"tenant {tenant_id!r} does not exist")
+            await conn.execute(
+                "INSERT INTO welltegra.tenant_limits (tenant_id) VALUES ($1)"
+                " ON CONFLICT DO NOTHING",
+                tenant_id,
+            )
+            for column, value in overrides.items():  # column names come from _LIMIT_COLUMNS
+                await conn.execute(
+                    f"UPDATE welltegra.tenant_limits SET {column} = $2, updated_at = now()"
+                    " WHERE tenant_id = $1",
+                    tenant_id,
+                    value,
+                )
 
     async def list_tenants(self) -> list[str]:
         rows = await self.pool.fetch("SELECT tenant_id FROM welltegra.tenants ORDER BY 1")

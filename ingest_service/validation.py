@@ -207,8 +207,7 @@ class Validator:
             )
         return (
             f"{path}.timestamp",
-            f"{timestamp.isoformat()} is older than the accepted "
-            f"{self._max_age.days} days",
+            f"{timestamp.isoformat()} is older than the accepted {self._max_age.days} days",
         )
 
 

@@ -121,6 +121,8 @@ def gateway_config(
             "grpc_listen": "127.0.0.1:0",
             "data_dir": str(tmp_path_factory.mktemp("gateway")),
             "auth": {"issuer": ISSUER, "public_key_files": [str(public_key_file)]},
+            # Tests send fast; the limits tests lower them per tenant.
+            "limits": {"requests_per_minute": 1_000_000, "bytes_per_day": 10**15},
         },
         environ={},
     )

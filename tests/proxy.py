@@ -33,6 +33,16 @@ class CuttableProxy:
         user = f"{parts.username}@" if parts.username else ""
         return proxy, urlunsplit((parts.scheme, f"{user}127.0.0.1:{{port}}", parts.path, "", ""))
 
+    @classmethod
+    def for_redis(cls, url: str) -> tuple[CuttableProxy, str]:
+        """A proxy to the Redis server of ``url`` and the URL to reach it through the proxy."""
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            proxy = cls(parts.path, None)
+        else:
+            proxy = cls(parts.hostname or "127.0.0.1", parts.port or 6379)
+        return proxy, "redis://127.0.0.1:{port}/0"
+
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
