@@ -17,10 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
+import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +35,13 @@ from ingest_service.config import (
     load_config,
     parse_duration,
 )
+from ingest_service.crypto import KeyringError
 from ingest_service.devkeys import DevSigningKey
 from ingest_service.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 from ingest_service.envoy_front import ENVOY_DIR, EnvoyError, EnvoyFront
 from ingest_service.errors import GatewayError
 from ingest_service.server import Gateway, ListenError
-from ingest_service.storage import DatabaseUnreachable, Storage
+from ingest_service.storage import DatabaseUnreachable, ReadPoint, Storage
 
 __all__ = ["main"]
 
@@ -106,6 +111,28 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--requests-per-minute", type=_count, metavar="N")
     limits.add_argument("--max-message-bytes", type=_count, metavar="N")
     limits.add_argument("--bytes-per-day", type=_count, metavar="N")
+    rotate = tenant_commands.add_parser(
+        "rotate-key", help="new data key for new writes; stored values stay readable"
+    )
+    _common(rotate)
+    rotate.add_argument("name")
+    shred = tenant_commands.add_parser(
+        "shred", help="destroy the tenant's data keys: its stored values become unreadable"
+    )
+    _common(shred)
+    shred.add_argument("name")
+    shred.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
+
+    query = commands.add_parser(
+        "query", help="read a tenant's stored points, decrypted (operators, inside the cloud)"
+    )
+    _common(query)
+    query.add_argument("--tenant", required=True)
+    query.add_argument("--well")
+    query.add_argument("--parameter")
+    query.add_argument("--since", type=_instant, help="RFC 3339 time, inclusive")
+    query.add_argument("--until", type=_instant, help="RFC 3339 time, exclusive")
+    query.add_argument("--format", choices=("csv", "json"), default="csv")
 
     token = commands.add_parser("token", help="development access tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -118,6 +145,16 @@ def _parser() -> argparse.ArgumentParser:
     mint.add_argument("--ttl", default="1h", help="lifetime such as 15m, 1h, 1d (default 1h)")
     mint.add_argument("--subject", default="dev-client", help="the token's sub claim")
     return parser
+
+
+def _instant(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time") from exc
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone (add Z or +00:00)")
+    return moment
 
 
 def _count(text: str) -> int:
@@ -190,20 +227,58 @@ async def _serve(config: GatewayConfig) -> None:
             await gateway.stop()
 
 
-async def _tenants(config: GatewayConfig, args: argparse.Namespace) -> None:
+_NEEDS_MASTER_KEY = {"create", "rotate-key", "query"}
+
+
+async def _with_storage(config: GatewayConfig, args: argparse.Namespace) -> None:
+    action = args.tenant_command if args.command == "tenants" else args.command
+    if action == "shred" and not args.yes:
+        raise UsageError(f"shredding makes every stored value of {args.name} unreadable: add --yes")
+    try:
+        provider = config.key_provider(os.environ) if action in _NEEDS_MASTER_KEY else None
+    except KeyringError as exc:
+        raise UsageError(str(exc)) from exc
     with _servers(config) as (database_url, _redis_url):
-        storage = await Storage.connect(database_url, config.storage)
+        storage = await Storage.connect(database_url, config.storage, provider)
         try:
-            if args.tenant_command == "create":
-                created = await storage.create_tenant(args.name)
-                print(f"tenant {args.name} {'created' if created else 'already exists'}")
-            elif args.tenant_command == "set-limits":
-                await _set_limits(storage, args)
-            else:
-                for tenant in await storage.list_tenants():
-                    print(tenant)
+            await _admin(storage, action, args)
         finally:
             await storage.close()
+
+
+async def _admin(storage: Storage, action: str, args: argparse.Namespace) -> None:
+    if action == "create":
+        created = await storage.create_tenant(args.name)
+        print(f"tenant {args.name} {'created' if created else 'already exists'}")
+    elif action == "set-limits":
+        await _set_limits(storage, args)
+    elif action == "rotate-key":
+        version = await storage.keys.rotate(args.name)
+        print(f"tenant {args.name}: new writes use data key version {version}")
+    elif action == "shred":
+        destroyed = await storage.keys.shred(args.name)
+        print(f"tenant {args.name} shredded: {destroyed} data keys destroyed")
+    elif action == "query":
+        await _query(storage, args)
+    else:
+        for tenant in await storage.list_tenants():
+            print(tenant)
+
+
+async def _query(storage: Storage, args: argparse.Namespace) -> None:
+    points = storage.read_points(args.tenant, args.well, args.parameter, args.since, args.until)
+    if args.format == "json":
+        async for p in points:
+            print(json.dumps({**_as_dict(p), "timestamp": p.timestamp.isoformat()}))
+        return
+    writer = csv.writer(sys.stdout)
+    writer.writerow(ReadPoint.__dataclass_fields__)
+    async for p in points:
+        writer.writerow(_as_dict(p).values())
+
+
+def _as_dict(point: ReadPoint) -> dict[str, Any]:
+    return {name: getattr(point, name) for name in ReadPoint.__dataclass_fields__}
 
 
 async def _set_limits(storage: Storage, args: argparse.Namespace) -> None:
@@ -266,8 +341,8 @@ def _run(args: argparse.Namespace) -> None:
         if problem:
             raise UsageError(problem)
         asyncio.run(_serve(config))
-    elif args.command == "tenants":
-        asyncio.run(_tenants(_config(args), args))
+    elif args.command == "tenants" or args.command == "query":
+        asyncio.run(_with_storage(_config(args), args))
     elif args.command == "token":
         _mint(_config(args), args)
 
@@ -288,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ListenError,
         EnvoyError,
         GatewayError,
+        KeyringError,
     ) as exc:
         print(f"welltegra-ingest: error: {exc}", file=sys.stderr)
         return 2

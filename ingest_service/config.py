@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,11 +26,13 @@ from pydantic import (
     model_validator,
 )
 
+from ingest_service.crypto import MasterKeyProvider, load_master_key
 from ingest_service.parameters import ParameterRegistry, ParameterSpec
 
 __all__ = [
     "AuthConfig",
     "ConfigError",
+    "DevIssuerConfig",
     "Duration",
     "EnvoyConfig",
     "GatewayConfig",
@@ -145,6 +148,22 @@ class AuthConfig(_Strict):
         return value
 
 
+class DevIssuerConfig(_Strict):
+    """The development OAuth 2.0 issuer (``serve --dev-issuer``): client-credentials tokens
+    for self-hosting, demos and tests. Production uses an identity provider (Auth0, Keycloak)."""
+
+    enabled: bool = False
+    listen: HostPort = "127.0.0.1:8081"
+    issuer_url: str | None = Field(
+        default=None,
+        description="The tokens' `iss`; default https://localhost:<envoy port>/ behind the local"
+        " Envoy, else the issuer's own http://HOST:PORT/.",
+    )
+    token_lifetime: Duration = Field(
+        default=timedelta(hours=1), ge=timedelta(minutes=1), le=timedelta(days=1)
+    )
+
+
 class StorageConfig(_Strict):
     """PostgreSQL storage settings."""
 
@@ -157,6 +176,9 @@ class StorageConfig(_Strict):
     batch_timeout: Duration = timedelta(seconds=15)
     partitions_ahead_days: int = Field(default=2, ge=0, le=60)
     future_tolerance: Duration = timedelta(minutes=5)
+    # How long a gateway keeps a tenant's unwrapped data keys before reading them again (a key
+    # rotation or shred made elsewhere takes effect within this).
+    key_cache: Duration = timedelta(seconds=30)
     # Points older than this are refused: it bounds the day partitions one batch can create.
     max_age: Duration = timedelta(days=3650)
 
@@ -185,6 +207,10 @@ class GatewayConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
     limits: LimitsConfig = LimitsConfig()
+    dev_issuer: DevIssuerConfig = DevIssuerConfig()
+    # The master key that wraps tenants' data keys: WELLTEGRA_MASTER_KEY (base64 of 32 bytes)
+    # or this file. With dev and neither, one is made in the data directory.
+    master_key_file: Path | None = None
     cache_ttl: Duration = Field(default=timedelta(seconds=300), ge=timedelta(seconds=1))
     max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     parameters: tuple[ParameterSpec, ...] = ()
@@ -199,12 +225,15 @@ class GatewayConfig(_Strict):
     def token_key_problem(self) -> str | None:
         """Why the gateway could not verify tokens, or None. Only ``serve`` needs keys; the
         admin commands load the same file without them."""
-        if not (self.dev or self.auth.jwks_url or self.auth.public_key_files):
+        # The development issuer fills in auth.jwks_url and auth.issuer once it listens.
+        running_issuer = self.dev_issuer.enabled
+        if not (self.dev or running_issuer or self.auth.jwks_url or self.auth.public_key_files):
             return (
                 "no key to verify tokens with: set auth.jwks_url or auth.public_key_files, "
-                "or run with --dev to trust the local development key"
+                "or run with --dev to trust the local development key (or --dev-issuer to run "
+                "the development OAuth issuer)"
             )
-        if not self.issuer:
+        if not self.issuer and not running_issuer:
             return "auth.issuer is required: tokens from any issuer would otherwise be accepted"
         return None
 
@@ -216,6 +245,14 @@ class GatewayConfig(_Strict):
     @property
     def dev_key_file(self) -> Path:
         return self.data_dir / "dev-signing-key.pem"
+
+    def key_provider(self, environ: Mapping[str, str]) -> MasterKeyProvider:
+        """The master key, from the environment, the configured file, or the data directory's
+        development key (made by ``serve --dev``; admin commands on that data dir use it too)."""
+        dev_file: Path | None = self.data_dir / "dev-master.key"
+        if not (self.dev or (dev_file is not None and dev_file.exists())):
+            dev_file = None
+        return MasterKeyProvider(load_master_key(environ, self.master_key_file, dev_file))
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +18,7 @@ from ingest_service.audit import AuditLog
 from ingest_service.auth import AuthInterceptor, TokenVerifier
 from ingest_service.cache import LatestValueCache
 from ingest_service.config import ConfigError, GatewayConfig
+from ingest_service.crypto import KeyringError
 from ingest_service.devkeys import DevSigningKey
 from ingest_service.limits import AdmitAll, ConfiguredLimits, Limiter, LimitPolicy, RedisLimiter
 from ingest_service.parameters import ParameterRegistry
@@ -79,7 +81,11 @@ class Gateway:
         if problem or not config.issuer:
             raise ConfigError(problem or "auth.issuer is required")
         registry = ParameterRegistry.with_extra(config.parameters)
-        self._storage = await Storage.connect(self._database_url, config.storage)
+        try:
+            provider = config.key_provider(os.environ)
+        except KeyringError as exc:
+            raise ConfigError(str(exc)) from exc
+        self._storage = await Storage.connect(self._database_url, config.storage, provider)
         self._audit = AuditLog(self._storage.pool)
         self._audit.start()
         if self._redis_url:

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -40,14 +41,23 @@ from tenacity import (
 )
 
 from ingest_service.config import StorageConfig
+from ingest_service.crypto import (
+    KeyProvider,
+    SealedValue,
+    TenantKeyring,
+    quarantine_identity,
+    row_identity,
+)
 from ingest_service.errors import StorageUnavailable, UnknownTenant
+from ingest_service.keystore import Keystore
 from ingest_service.tenancy import check_tenant_id
-from ingest_service.validation import QuarantinedPoint, ValidatedBatch
+from ingest_service.validation import QuarantinedPoint, StoredPoint, ValidatedBatch
 
 __all__ = [
     "STAGING_COLUMNS",
     "BatchOutcome",
     "DatabaseUnreachable",
+    "ReadPoint",
     "Storage",
     "describe_url",
     "prepare_connection",
@@ -57,19 +67,9 @@ log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x5745_4C4C  # pg_advisory_lock key: one gateway migrates at a time
 # Control-schema files, applied in order at every start; each is idempotent.
-_MIGRATIONS = ("001_control.sql", "002_limits.sql")
+_MIGRATIONS = ("001_control.sql", "002_limits.sql", "003_tenant_keys.sql")
 _LIMIT_COLUMNS = ("requests_per_minute", "max_message_bytes", "bytes_per_day")
-STAGING_COLUMNS = (
-    "well_id",
-    "parameter_name",
-    "ts",
-    "value",
-    "unit",
-    "quality_code",
-    "source",
-    "original_value",
-    "original_unit",
-)
+STAGING_COLUMNS = ("well_id", "parameter_name", "ts", "unit", "key_version", "sealed")
 _TRANSIENT = (
     OSError,
     asyncpg.InterfaceError,
@@ -101,6 +101,21 @@ class BatchOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadPoint:
+    """A stored point as the operator reads it back: decrypted, in its canonical unit."""
+
+    well_id: str
+    parameter_name: str
+    timestamp: datetime
+    value: float
+    unit: str
+    quality_code: str
+    source: str
+    original_value: float
+    original_unit: str
+
+
+@dataclass(frozen=True, slots=True)
 class _TenantTables:
     """A tenant's qualified, quoted table names, resolved once."""
 
@@ -125,8 +140,8 @@ async def prepare_connection(conn: asyncpg.Connection) -> None:
     long as one transaction."""
     await conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS wt_staging ("
-        " well_id text, parameter_name text, ts timestamptz, value float8, unit text,"
-        " quality_code text, source text, original_value float8, original_unit text"
+        " well_id text, parameter_name text, ts timestamptz, unit text, key_version integer,"
+        " sealed bytea"
         ") ON COMMIT DELETE ROWS"
     )
 
@@ -138,8 +153,9 @@ def _sql(name: str) -> str:
 class Storage:
     """The gateway's PostgreSQL storage: migrations, tenants, partitions and batch writes."""
 
-    def __init__(self, pool: asyncpg.Pool, config: StorageConfig, url: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, config: StorageConfig, url: str, keys: Keystore) -> None:
         self.pool = pool
+        self.keys = keys
         self._config = config
         self._url = url
         self._health_conn: asyncpg.Connection | None = None
@@ -148,8 +164,12 @@ class Storage:
         self._partition_lock = asyncio.Lock()
 
     @classmethod
-    async def connect(cls, url: str, config: StorageConfig) -> Storage:
-        """Open the pool and apply migrations; ``DatabaseUnreachable`` with a clear reason."""
+    async def connect(
+        cls, url: str, config: StorageConfig, key_provider: KeyProvider | None = None
+    ) -> Storage:
+        """Open the pool and apply migrations; ``DatabaseUnreachable`` with a clear reason.
+        Without ``key_provider`` (the master key) nothing can be written or read, but tenants
+        can still be listed or dropped."""
 
         try:
             pool = await asyncpg.create_pool(
@@ -166,7 +186,8 @@ class Storage:
             raise DatabaseUnreachable(
                 f"cannot reach the database at {describe_url(url)}: {exc or type(exc).__name__}"
             ) from exc
-        storage = cls(pool, config, url)
+        keys = Keystore(pool, key_provider, config.key_cache.total_seconds())
+        storage = cls(pool, config, url, keys)
         await storage.migrate()
         return storage
 
@@ -197,6 +218,8 @@ class Storage:
                 tenants = await conn.fetch("SELECT tenant_id FROM welltegra.tenants")
                 for row in tenants:
                     await self._create_tenant_schema(conn, row["tenant_id"])
+                    if self.keys.can_wrap:
+                        await self.keys.create_first_key(conn, row["tenant_id"])
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
@@ -230,6 +253,7 @@ class Storage:
                 f"{tenant_id}_streams",
             )
             await self._create_tenant_schema(conn, tenant_id)
+            await self.keys.create_first_key(conn, tenant_id)
         return bool(inserted)
 
     async def drop_tenant(self, tenant_id: str) -> bool:
@@ -247,6 +271,49 @@ class Storage:
         self._tenants.pop(tenant_id, None)
         self._partitions.pop(tenant_id, None)
         return bool(deleted)
+
+    async def read_points(
+        self,
+        tenant_id: str,
+        well_id: str | None = None,
+        parameter_name: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> AsyncIterator[ReadPoint]:
+        """The tenant's stored points, decrypted, in time order: the operator's read inside
+        the cloud (``welltegra-ingest query``). No RPC reaches this."""
+        async with self._connection() as conn, conn.transaction():
+            tables = await self._tenant(conn, tenant_id)
+            keyring = await self.keys.keyring(conn, tenant_id)
+            cursor = conn.cursor(
+                "SELECT well_id, parameter_name, ts, unit, key_version, sealed"
+                f" FROM {tables.points}"
+                " WHERE ($1::text IS NULL OR well_id = $1)"
+                " AND ($2::text IS NULL OR parameter_name = $2)"
+                " AND ($3::timestamptz IS NULL OR ts >= $3)"
+                " AND ($4::timestamptz IS NULL OR ts < $4)"
+                " ORDER BY ts, well_id, parameter_name",
+                well_id,
+                parameter_name,
+                since,
+                until,
+            )
+            async for row in cursor:
+                identity = row_identity(tenant_id, row["well_id"], row["parameter_name"], row["ts"])
+                secret = SealedValue.decode(
+                    keyring.open(row["key_version"], row["sealed"], identity)
+                )
+                yield ReadPoint(
+                    well_id=row["well_id"],
+                    parameter_name=row["parameter_name"],
+                    timestamp=row["ts"],
+                    value=secret.value,
+                    unit=row["unit"],
+                    quality_code=secret.quality_code,
+                    source=secret.source,
+                    original_value=secret.original_value,
+                    original_unit=secret.original_unit,
+                )
 
     async def limit_overrides(self, tenant_id: str) -> dict[str, int]:
         """The tenant's own limits (only those set), by column name. Bounded in time: it runs
@@ -455,9 +522,13 @@ class Storage:
         batch_sequence: int | None,
     ) -> BatchOutcome:
         tables = await self._tenant(conn, tenant_id)
+        keyring = await self.keys.keyring(conn, tenant_id)
         await self._ensure_partitions(
             conn, tenant_id, tables, {p.timestamp.date() for p in batch.accepted}
         )
+        # Sealed before the transaction opens, so it is held only for the writes.
+        records = [_seal_point(keyring, tenant_id, p) for p in batch.accepted]
+        quarantined = [_seal_rejection(keyring, tenant_id, ingestion_id, q) for q in batch.rejected]
         async with conn.transaction():
             ledgered = agent_id is not None and batch_sequence is not None
             if ledgered:
@@ -478,10 +549,10 @@ class Storage:
                         duplicate_batch=True,
                     )
             accepted = await self._insert_points(
-                conn, tables, tenant_id, batch, ingestion_id, agent_id, batch_sequence
+                conn, tables, tenant_id, records, ingestion_id, agent_id, batch_sequence
             )
-            if batch.rejected:
-                await self._quarantine(conn, tables, batch.rejected, ingestion_id)
+            if quarantined:
+                await self._quarantine(conn, tables, quarantined)
             outcome = BatchOutcome(
                 accepted=accepted,
                 rejected=len(batch.rejected),
@@ -504,17 +575,14 @@ class Storage:
         conn: asyncpg.Connection,
         tables: _TenantTables,
         tenant_id: str,
-        batch: ValidatedBatch,
+        records: list[tuple[Any, ...]],
         ingestion_id: str,
         agent_id: str | None,
         batch_sequence: int | None,
     ) -> int:
-        if not batch.accepted:
+        if not records:
             return 0
-        # StoredPoint is a tuple in the order of the staging columns: no copy per row.
-        await conn.copy_records_to_table(
-            "wt_staging", columns=STAGING_COLUMNS, records=batch.accepted
-        )
+        await conn.copy_records_to_table("wt_staging", columns=STAGING_COLUMNS, records=records)
         columns = ", ".join(STAGING_COLUMNS)
         status = await conn.execute(
             f"INSERT INTO {tables.points}"
@@ -531,30 +599,38 @@ class Storage:
         return int(status.rsplit(" ", 1)[-1])
 
     async def _quarantine(
-        self,
-        conn: asyncpg.Connection,
-        tables: _TenantTables,
-        rejected: list[QuarantinedPoint],
-        ingestion_id: str,
+        self, conn: asyncpg.Connection, tables: _TenantTables, rows: list[tuple[Any, ...]]
     ) -> None:
         await conn.executemany(
             f"INSERT INTO {tables.quarantine} (ingestion_id, point_index, well_id,"
-            " parameter_name, ts, value, unit, quality_code, source, field, reason)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            [
-                (
-                    ingestion_id,
-                    q.index,
-                    q.well_id,
-                    q.parameter_name,
-                    q.timestamp,
-                    q.value,
-                    q.unit,
-                    q.quality_code,
-                    q.source,
-                    q.field,
-                    q.reason,
-                )
-                for q in rejected
-            ],
+            " parameter_name, ts, field, key_version, sealed, sealed_reason)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            rows,
         )
+
+
+def _seal_point(keyring: TenantKeyring, tenant_id: str, p: StoredPoint) -> tuple[Any, ...]:
+    """A staging row: identity and canonical unit in clear, the rest sealed to the row."""
+    secret = SealedValue(p.value, p.original_value, p.original_unit, p.quality_code, p.source)
+    identity = row_identity(tenant_id, p.well_id, p.parameter_name, p.timestamp)
+    sealed = keyring.seal(secret.encode(), identity)
+    return (p.well_id, p.parameter_name, p.timestamp, p.unit, keyring.version, sealed)
+
+
+def _seal_rejection(
+    keyring: TenantKeyring, tenant_id: str, ingestion_id: str, q: QuarantinedPoint
+) -> tuple[Any, ...]:
+    """A quarantine row: the point as sent and the reason (it may quote the value), sealed."""
+    secret = SealedValue(q.value, q.value, q.unit, q.quality_code, q.source)
+    identity = quarantine_identity(tenant_id, ingestion_id, q.index)
+    return (
+        ingestion_id,
+        q.index,
+        q.well_id,
+        q.parameter_name,
+        q.timestamp,
+        q.field,
+        keyring.version,
+        keyring.seal(secret.encode(), identity),
+        keyring.seal(q.reason.encode(), identity + b"\x1freason"),
+    )

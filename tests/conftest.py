@@ -4,6 +4,7 @@ set, else embedded ones from the pip wheels), a gateway on a free port, signing 
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import shutil
@@ -113,13 +114,27 @@ def make_token(rsa_key: rsa.RSAPrivateKey) -> TokenFactory:
 
 
 @pytest.fixture(scope="session")
+def master_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "master.key"
+    path.write_bytes(base64.b64encode(os.urandom(32)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def master_key(master_key_file: Path) -> str:
+    """The master key as WELLTEGRA_MASTER_KEY takes it, for CLI subprocesses."""
+    return master_key_file.read_text().strip()
+
+
+@pytest.fixture(scope="session")
 def gateway_config(
-    tmp_path_factory: pytest.TempPathFactory, public_key_file: Path
+    tmp_path_factory: pytest.TempPathFactory, public_key_file: Path, master_key_file: Path
 ) -> GatewayConfig:
     return load_config(
         overrides={
             "grpc_listen": "127.0.0.1:0",
             "data_dir": str(tmp_path_factory.mktemp("gateway")),
+            "master_key_file": str(master_key_file),
             "auth": {"issuer": ISSUER, "public_key_files": [str(public_key_file)]},
             # Tests send fast; the limits tests lower them per tenant.
             "limits": {"requests_per_minute": 1_000_000, "bytes_per_day": 10**15},

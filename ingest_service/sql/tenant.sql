@@ -9,12 +9,11 @@ CREATE TABLE IF NOT EXISTS {schema}.real_time_parameters (
     well_id        text NOT NULL,
     parameter_name text NOT NULL,
     ts             timestamptz NOT NULL,
-    value          double precision NOT NULL,
     unit           text NOT NULL,
-    quality_code   text NOT NULL,
-    source         text NOT NULL DEFAULT '',
-    original_value double precision NOT NULL,
-    original_unit  text NOT NULL,
+    -- value, original value and unit, quality code and source, sealed with the tenant's data
+    -- key of key_version (AES-256-GCM; the row's identity is the associated data).
+    key_version    integer NOT NULL,
+    sealed         bytea NOT NULL,
     agent_id       text,
     batch_sequence bigint,
     ingestion_id   text NOT NULL,
@@ -42,11 +41,10 @@ CREATE TABLE IF NOT EXISTS {schema}.quarantine (
     well_id        text NOT NULL,
     parameter_name text NOT NULL,
     ts             timestamptz NOT NULL,
-    value          double precision NOT NULL,
-    unit           text NOT NULL,
-    quality_code   text NOT NULL,
-    source         text NOT NULL,
     field          text NOT NULL,
-    reason         text NOT NULL,
+    -- The point as sent and the reason (which may quote the value), sealed like a stored point.
+    key_version    integer NOT NULL,
+    sealed         bytea NOT NULL,
+    sealed_reason  bytea NOT NULL,
     received_at    timestamptz NOT NULL DEFAULT now()
 );

@@ -3,6 +3,7 @@ binary through reflection, and one-line errors for what a user gets wrong."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -32,7 +33,12 @@ def run(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Compl
 
 @pytest.fixture
 def cli_env(database_url: str, redis_url: str) -> dict[str, str]:
-    return {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "WELLTEGRA_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+    }
 
 
 @pytest.fixture

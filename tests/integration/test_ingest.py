@@ -171,6 +171,7 @@ async def test_same_points_by_another_path_are_stored_once(
 
 
 async def test_realtime_spec_example_returns_documented_fields(
+    gateway: Gateway,
     stub: ingest_pb2_grpc.IngestServiceStub,
     tenant: str,
     make_token: TokenFactory,
@@ -193,13 +194,11 @@ async def test_realtime_spec_example_returns_documented_fields(
     assert response.ingestion_id.startswith("ing_")
     assert (response.accepted_count, response.rejected_count) == (3, 0)
     assert response.processing_time_ms >= 0
-    row = await db.fetchrow(
-        "SELECT value, unit, original_value, original_unit"
-        f' FROM "{tenant}_streams".real_time_parameters'
-        " WHERE parameter_name = 'downhole_temperature'"
-    )
-    assert row["unit"] == "degF" and row["value"] == pytest.approx(212.0)
-    assert (row["original_value"], row["original_unit"]) == (100.0, "degC")
+    [row] = [
+        p async for p in gateway.storage.read_points(tenant, parameter_name="downhole_temperature")
+    ]
+    assert row.unit == "degF" and row.value == pytest.approx(212.0)
+    assert (row.original_value, row.original_unit) == (100.0, "degC")
     redis = aioredis.Redis.from_url(redis_url)
     try:
         cached = await redis.hgetall(f"realtime:{{{tenant}}}:WELL_001:wellhead_pressure")

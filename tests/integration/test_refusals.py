@@ -407,7 +407,7 @@ async def test_domain_errors_reject_single_points_into_quarantine(
     assert "unknown parameter 'mud_weight'" in response.rejections[0].reason
     assert "20000 psi is outside the valid range 0..15000 psi" in response.rejections[2].reason
     quarantined = await db.fetch(
-        f'SELECT point_index, reason FROM "{tenant}_streams".quarantine ORDER BY point_index'
+        f'SELECT point_index FROM "{tenant}_streams".quarantine ORDER BY point_index'
     )
     assert [row["point_index"] for row in quarantined] == [1, 2, 3, 4, 5]
     assert await stored_count(db, tenant) == 2
