@@ -45,6 +45,7 @@ from ingest_service.crypto import (
     KeyProvider,
     SealedValue,
     TenantKeyring,
+    pack_value,
     quarantine_identity,
     row_identity,
 )
@@ -527,7 +528,7 @@ class Storage:
             conn, tenant_id, tables, {p.timestamp.date() for p in batch.accepted}
         )
         # Sealed before the transaction opens, so it is held only for the writes.
-        records = [_seal_point(keyring, tenant_id, p) for p in batch.accepted]
+        records = _seal_points(keyring, tenant_id, batch.accepted)
         quarantined = [_seal_rejection(keyring, tenant_id, ingestion_id, q) for q in batch.rejected]
         async with conn.transaction():
             ledgered = agent_id is not None and batch_sequence is not None
@@ -609,12 +610,25 @@ class Storage:
         )
 
 
-def _seal_point(keyring: TenantKeyring, tenant_id: str, p: StoredPoint) -> tuple[Any, ...]:
-    """A staging row: identity and canonical unit in clear, the rest sealed to the row."""
-    secret = SealedValue(p.value, p.original_value, p.original_unit, p.quality_code, p.source)
-    identity = row_identity(tenant_id, p.well_id, p.parameter_name, p.timestamp)
-    sealed = keyring.seal(secret.encode(), identity)
-    return (p.well_id, p.parameter_name, p.timestamp, p.unit, keyring.version, sealed)
+def _seal_points(
+    keyring: TenantKeyring, tenant_id: str, points: list[StoredPoint]
+) -> list[tuple[Any, ...]]:
+    """Staging rows: identity and canonical unit in clear, the rest sealed to the row. The hot
+    path of encryption: one pass, no object per point beyond what COPY needs."""
+    sealed = keyring.seal_many(
+        [
+            (
+                pack_value(p.value, p.original_value, p.original_unit, p.quality_code, p.source),
+                row_identity(tenant_id, p.well_id, p.parameter_name, p.timestamp),
+            )
+            for p in points
+        ]
+    )
+    version = keyring.version
+    return [
+        (p.well_id, p.parameter_name, p.timestamp, p.unit, version, s)
+        for p, s in zip(points, sealed, strict=True)
+    ]
 
 
 def _seal_rejection(
