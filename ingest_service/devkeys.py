@@ -25,7 +25,16 @@ from cryptography.x509.oid import NameOID
 
 from ingest_service.config import DEV_ISSUER
 
-__all__ = ["DevSigningKey", "ensure_dev_certificate"]
+__all__ = ["DevSigningKey", "ensure_dev_certificate", "write_secret_file"]
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Write key material readable by its owner only, never world-readable even for an
+    instant (the mode is set when the file is created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
 
 
 class DevSigningKey:
@@ -53,10 +62,7 @@ class DevSigningKey:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            # Created with owner-only permissions, never world-readable even for an instant.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as file:
-                file.write(pem)
+            write_secret_file(path, pem)
         if not public_path.exists():
             public_path.write_bytes(
                 private_key.public_key().public_bytes(
@@ -128,8 +134,6 @@ def ensure_dev_certificate(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(key_pem)
+    write_secret_file(key_path, key_pem)
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path

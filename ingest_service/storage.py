@@ -464,34 +464,13 @@ class Storage:
                     reraise=True,
                 ):
                     with attempt:
-                        return await self._store_once(
+                        return await self._write(
                             tenant_id, batch, ingestion_id, agent_id, batch_sequence, deadline
                         )
         except (*_TRANSIENT, _PartitionMissing, asyncpg.PostgresError, TimeoutError) as exc:
             log.warning("storing batch %s for %s failed: %r", ingestion_id, tenant_id, exc)
             raise StorageUnavailable("storage is unavailable; retry later") from exc
         raise AssertionError("unreachable: AsyncRetrying either returns or raises")
-
-    async def _store_once(
-        self,
-        tenant_id: str,
-        batch: ValidatedBatch,
-        ingestion_id: str,
-        agent_id: str | None,
-        batch_sequence: int | None,
-        deadline: float,
-    ) -> BatchOutcome:
-        try:
-            return await self._write(
-                tenant_id, batch, ingestion_id, agent_id, batch_sequence, deadline
-            )
-        except asyncpg.CheckViolationError as exc:
-            if "no partition" not in str(exc):
-                raise
-            # A partition we remembered is gone (dropped by an operator): forget what we know
-            # of this tenant's partitions and let the retry create it again.
-            self._partitions.pop(tenant_id, None)
-            raise _PartitionMissing(str(exc)) from exc
 
     async def _write(
         self,
@@ -510,6 +489,13 @@ class Storage:
                 return await self._write_on(
                     conn, tenant_id, batch, ingestion_id, agent_id, batch_sequence
                 )
+            except asyncpg.CheckViolationError as exc:
+                if "no partition" not in str(exc):
+                    raise
+                # A partition we remembered is gone (dropped by an operator): forget what we
+                # know of this tenant's partitions and let the retry create it again.
+                self._partitions.pop(tenant_id, None)
+                raise _PartitionMissing(str(exc)) from exc
             finally:
                 watchdog.cancel()
 
