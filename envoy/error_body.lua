@@ -139,8 +139,11 @@ local function from_text(status, body)
 end
 
 function envoy_on_request(handle)
+  -- Only the REST API (/v1/...) gets the documented body; other paths (native gRPC, the
+  -- development OAuth issuer's RFC 6749 errors) keep their own.
+  local path = handle:headers():get(":path") or ""
   local content_type = handle:headers():get("content-type") or ""
-  if content_type:sub(1, 16) ~= "application/grpc" then
+  if path:sub(1, 4) == "/v1/" and content_type:sub(1, 16) ~= "application/grpc" then
     handle:streamInfo():dynamicMetadata():set(META, "rest", true)
   end
 end

@@ -3,6 +3,8 @@
     welltegra-ingest serve [--config FILE] [--data-dir DIR] [--grpc-listen HOST:PORT] [--dev] ...
     welltegra-ingest tenants create NAME | tenants list
     welltegra-ingest token mint --tenant NAME [--scope S ...] [--ttl 1h]
+    welltegra-ingest clients create --tenant NAME [--scope S ...] | clients list | clients revoke ID
+    welltegra-ingest issuer rotate
 
 Without ``DATABASE_URL``/``REDIS_URL`` (or their flags and config keys) the gateway starts a real
 PostgreSQL and Redis from pip-installed wheels under the data directory; the admin commands
@@ -36,6 +38,14 @@ from ingest_service.config import (
     parse_duration,
 )
 from ingest_service.crypto import KeyringError
+from ingest_service.dev_issuer import (
+    DevIssuer,
+    DevIssuerError,
+    create_client,
+    list_clients,
+    revoke_client,
+    rotate_signing_key,
+)
 from ingest_service.devkeys import DevSigningKey
 from ingest_service.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 from ingest_service.envoy_front import ENVOY_DIR, EnvoyError, EnvoyFront
@@ -95,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
         help="also trust the local development signing key that `token mint` uses",
     )
     serve.add_argument("--audience", help="expected token audience (aud)")
+    serve.add_argument(
+        "--dev-issuer",
+        action="store_true",
+        default=None,
+        help="also run the development OAuth issuer (POST /oauth/token) and trust its JWKS",
+    )
+    serve.add_argument(
+        "--dev-issuer-listen",
+        metavar="HOST:PORT",
+        help="the development issuer's address (default 127.0.0.1:8081); implies --dev-issuer",
+    )
 
     tenants = commands.add_parser("tenants", help="manage tenants")
     tenant_commands = tenants.add_subparsers(dest="tenant_command", required=True)
@@ -144,6 +165,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     mint.add_argument("--ttl", default="1h", help="lifetime such as 15m, 1h, 1d (default 1h)")
     mint.add_argument("--subject", default="dev-client", help="the token's sub claim")
+
+    clients = commands.add_parser("clients", help="OAuth clients of the development issuer")
+    client_commands = clients.add_subparsers(dest="client_command", required=True)
+    new_client = client_commands.add_parser(
+        "create", help="register a client of a tenant; prints its secret, this once only"
+    )
+    _common(new_client)
+    new_client.add_argument("--tenant", required=True)
+    new_client.add_argument(
+        "--scope", action="append", help="scope it may ask for (default api:ingest); repeatable"
+    )
+    client_list = client_commands.add_parser("list", help="list registered clients")
+    _common(client_list)
+    client_list.add_argument("--tenant", help="only this tenant's")
+    revoke = client_commands.add_parser("revoke", help="refuse the client any new token")
+    _common(revoke)
+    revoke.add_argument("client_id")
+
+    issuer = commands.add_parser("issuer", help="the development issuer's signing keys")
+    issuer_commands = issuer.add_subparsers(dest="issuer_command", required=True)
+    rotate_signing = issuer_commands.add_parser(
+        "rotate", help="new signing key; the previous one stays published until the next"
+    )
+    _common(rotate_signing)
     return parser
 
 
@@ -193,6 +238,11 @@ def _servers(config: GatewayConfig) -> Iterator[tuple[str, str | None]]:
 
 async def _serve(config: GatewayConfig) -> None:
     with _servers(config) as (database_url, redis_url):
+        issuer = DevIssuer(config) if config.dev_issuer.enabled else None
+        if issuer is not None:
+            # Bound first: the gateway needs the issuer's JWKS URL (its port) to start.
+            await issuer.bind()
+            config = issuer.gateway_config(config)
         gateway = Gateway(config, database_url, redis_url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -203,6 +253,13 @@ async def _serve(config: GatewayConfig) -> None:
             port = await gateway.start()
             host = config.grpc_listen.rpartition(":")[0]
             print(f"welltegra-ingest: serving gRPC on {host}:{port}", flush=True)
+            if issuer is not None:
+                await issuer.start(gateway.storage.pool)
+                print(
+                    f"welltegra-ingest: serving the development OAuth issuer on"
+                    f" {issuer.base_url} (iss {issuer.issuer})",
+                    flush=True,
+                )
             if config.envoy is not None:
                 front = EnvoyFront(
                     config.data_dir,
@@ -211,6 +268,7 @@ async def _serve(config: GatewayConfig) -> None:
                     cert_file=config.envoy.cert_file,
                     key_file=config.envoy.key_file,
                     config_dir=config.envoy.config_dir or ENVOY_DIR,
+                    issuer_port=issuer.port if issuer is not None else None,
                 )
                 envoy_port = await asyncio.to_thread(front.start)
                 envoy_host = config.envoy.listen.rpartition(":")[0]
@@ -224,6 +282,8 @@ async def _serve(config: GatewayConfig) -> None:
         finally:
             if front is not None:
                 front.stop()
+            if issuer is not None:
+                await issuer.stop()
             await gateway.stop()
 
 
@@ -317,6 +377,36 @@ def _mint(config: GatewayConfig, args: argparse.Namespace) -> None:
     )
 
 
+async def _clients(config: GatewayConfig, args: argparse.Namespace) -> None:
+    with _servers(config) as (database_url, _redis_url):
+        storage = await Storage.connect(database_url, config.storage)
+        try:
+            if args.client_command == "create":
+                try:
+                    client = await create_client(
+                        storage.pool, args.tenant, args.scope or ("api:ingest",)
+                    )
+                except ValueError as exc:
+                    raise UsageError(f"--scope: {exc}") from exc
+                print(f"client_id: {client.client_id}")
+                print(f"client_secret: {client.client_secret}")
+                print(
+                    "welltegra-ingest: the secret is shown this once only; it is stored hashed",
+                    file=sys.stderr,
+                )
+            elif args.client_command == "revoke":
+                if not await revoke_client(storage.pool, args.client_id):
+                    raise UsageError(f"no client {args.client_id!r} to revoke")
+                print(f"client {args.client_id} revoked")
+            else:
+                for listed in await list_clients(storage.pool, args.tenant):
+                    state = f"revoked {listed.revoked_at.isoformat()}" if listed.revoked_at else ""
+                    fields = (listed.client_id, listed.tenant_id, ",".join(listed.scopes), state)
+                    print(" ".join(fields).rstrip())
+        finally:
+            await storage.close()
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "serve":
         config = _config(
@@ -336,6 +426,10 @@ def _run(args: argparse.Namespace) -> None:
                 "issuer": args.issuer,
                 "audience": args.audience,
             },
+            dev_issuer={
+                "enabled": True if args.dev_issuer or args.dev_issuer_listen else None,
+                "listen": args.dev_issuer_listen,
+            },
         )
         problem = config.token_key_problem()
         if problem:
@@ -345,6 +439,11 @@ def _run(args: argparse.Namespace) -> None:
         asyncio.run(_with_storage(_config(args), args))
     elif args.command == "token":
         _mint(_config(args), args)
+    elif args.command == "clients":
+        asyncio.run(_clients(_config(args), args))
+    elif args.command == "issuer":
+        kid = rotate_signing_key(_config(args).data_dir)
+        print(f"new signing key {kid}; the previous one stays in the JWKS until the next rotation")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         EnvoyError,
         GatewayError,
         KeyringError,
+        DevIssuerError,
     ) as exc:
         print(f"welltegra-ingest: error: {exc}", file=sys.stderr)
         return 2

