@@ -9,6 +9,7 @@ create`, `token mint`); only the client calls and the final read are done from h
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import re
@@ -140,29 +141,45 @@ def send_rest(front: str, certificate: Path, token: str) -> None:
         print(f"REST without a token -> {refused.status_code} {refused.text}")
 
 
-async def show_stored(database_url: str) -> None:
+def show_stored() -> None:
+    """What was stored, read back the way an operator does: decrypted by `welltegra-ingest
+    query` (the ingest API has no way to read data back)."""
+    points = [
+        json.loads(line)
+        for line in cli("query", "--tenant", TENANT, "--format", "json").splitlines()
+    ]
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for p in points:
+        groups.setdefault((p["well_id"], p["parameter_name"], p["unit"]), []).append(p["value"])
+    print(f"\nStored for {TENANT}, decrypted by `welltegra-ingest query` (canonical units):")
+    header = ("well", "parameter", "unit", "points", "min", "max")
+    print("  {:<9} {:<21} {:<8} {:>6} {:>9} {:>9}".format(*header))
+    for (well, parameter, unit), values in sorted(groups.items()):
+        print(
+            f"  {well:<9} {parameter:<21} {unit:<8} {len(values):>6}"
+            f" {min(values):>9.1f} {max(values):>9.1f}"
+        )
+
+
+async def show_ciphertext(database_url: str) -> None:
+    """The same rows as PostgreSQL holds them: values sealed with the tenant's own key."""
     conn = await asyncpg.connect(database_url)
     try:
-        rows = await conn.fetch(
-            f"SELECT well_id, parameter_name, unit, count(*) AS points, min(value) AS min,"
-            f" max(value) AS max, max(ts) AS latest FROM {TENANT}_streams.real_time_parameters"
-            " GROUP BY 1, 2, 3 ORDER BY 1, 2"
+        row = await conn.fetchrow(
+            f"SELECT well_id, parameter_name, ts, key_version, sealed"
+            f" FROM {TENANT}_streams.real_time_parameters ORDER BY ts DESC LIMIT 1"
         )
-        print(f"\nStored in PostgreSQL, {TENANT}_streams.real_time_parameters (canonical units):")
-        header = ("well", "parameter", "unit", "points", "min", "max")
-        print("  {:<9} {:<21} {:<8} {:>6} {:>9} {:>9}  latest".format(*header))
-        for r in rows:
-            print(
-                f"  {r['well_id']:<9} {r['parameter_name']:<21} {r['unit']:<8} {r['points']:>6}"
-                f" {r['min']:>9.1f} {r['max']:>9.1f}  {r['latest']:%Y-%m-%d %H:%M:%S}"
-            )
         quarantined = await conn.fetchval(f"SELECT count(*) FROM {TENANT}_streams.quarantine")
         audited = await conn.fetchval(
             "SELECT count(*) FROM system_monitoring.audit_log WHERE tenant_id = $1", TENANT
         )
-        print(f"  quarantined points: {quarantined}; audit rows for {TENANT}: {audited}")
     finally:
         await conn.close()
+    print(
+        f"\nIn PostgreSQL the value is ciphertext: {row['well_id']} {row['parameter_name']}"
+        f" {row['ts']:%H:%M:%S} key v{row['key_version']} sealed={row['sealed'][:24].hex()}..."
+    )
+    print(f"Quarantined points: {quarantined}; audit rows for {TENANT}: {audited}")
 
 
 def main() -> None:
@@ -198,7 +215,8 @@ def main() -> None:
         asyncio.run(send_grpc(address, certificate.read_bytes(), token))
         send_rest(address, certificate, token)
         postgres = EmbeddedPostgres(DATA_DIR)  # attaches to the server `serve` started
-        asyncio.run(show_stored(postgres.start()))
+        show_stored()
+        asyncio.run(show_ciphertext(postgres.start()))
         postgres.stop()
         print(
             "\nWhile a gateway runs (make serve), try:\n"
