@@ -68,7 +68,19 @@ log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x5745_4C4C  # pg_advisory_lock key: one gateway migrates at a time
 # Control-schema files, applied in order at every start; each is idempotent.
-_MIGRATIONS = ("001_control.sql", "002_limits.sql", "003_tenant_keys.sql", "004_oauth_clients.sql")
+_MIGRATIONS = (
+    "001_control.sql",
+    "002_limits.sql",
+    "003_tenant_keys.sql",
+    "004_oauth_clients.sql",
+    "005_row_security.sql",
+)
+# Batch writes run as this role (005_row_security.sql), so row-level security applies to them,
+# for the one tenant named (a bind parameter) for the rest of the transaction.
+WRITER_ROLE = "welltegra_writer"
+TENANT_FENCE = (
+    f"SELECT set_config('app.current_tenant', $1, true), set_config('role', '{WRITER_ROLE}', true)"
+)
 _LIMIT_COLUMNS = ("requests_per_minute", "max_message_bytes", "bytes_per_day")
 STAGING_COLUMNS = ("well_id", "parameter_name", "ts", "unit", "key_version", "sealed")
 _TRANSIENT = (
@@ -136,14 +148,24 @@ def describe_url(url: str) -> str:
     )
 
 
+async def _migrate_control(conn: asyncpg.Connection) -> None:
+    """The control schema's files, in order, under the migration lock; each is idempotent."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        for name in _MIGRATIONS:
+            await conn.execute(_sql(name))
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+
 async def prepare_connection(conn: asyncpg.Connection) -> None:
     """Create the connection's staging table: it lives as long as the connection, its rows as
-    long as one transaction."""
+    long as one transaction. The writer role fills it inside batch transactions."""
     await conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS wt_staging ("
         " well_id text, parameter_name text, ts timestamptz, unit text, key_version integer,"
         " sealed bytea"
-        ") ON COMMIT DELETE ROWS"
+        f") ON COMMIT DELETE ROWS; GRANT SELECT, INSERT ON wt_staging TO {WRITER_ROLE}"
     )
 
 
@@ -172,16 +194,25 @@ class Storage:
         Without ``key_provider`` (the master key) nothing can be written or read, but tenants
         can still be listed or dropped."""
 
+        # Day partitions are UTC days, whatever the server's own time zone is.
+        settings = {"application_name": "welltegra-ingest", "timezone": "UTC"}
+        timeout = config.connect_timeout.total_seconds()
         try:
+            # The control schema (and the writer role the pool's connections grant to) first,
+            # on a connection of its own.
+            conn = await asyncpg.connect(url, timeout=timeout, server_settings=settings)
+            try:
+                await _migrate_control(conn)
+            finally:
+                await conn.close()
             pool = await asyncpg.create_pool(
                 url,
                 min_size=config.pool_min_size,
                 max_size=max(config.pool_max_size, config.pool_min_size),
                 init=prepare_connection,
-                timeout=config.connect_timeout.total_seconds(),
+                timeout=timeout,
                 command_timeout=config.statement_timeout.total_seconds(),
-                # Day partitions are UTC days, whatever the server's own time zone is.
-                server_settings={"application_name": "welltegra-ingest", "timezone": "UTC"},
+                server_settings=settings,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise DatabaseUnreachable(
@@ -212,10 +243,9 @@ class Storage:
     async def migrate(self) -> None:
         """Apply the control schema and every known tenant's schema; safe to run again."""
         async with self._connection() as conn:
+            await _migrate_control(conn)
             await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
             try:
-                for name in _MIGRATIONS:
-                    await conn.execute(_sql(name))
                 tenants = await conn.fetch("SELECT tenant_id FROM welltegra.tenants")
                 for row in tenants:
                     await self._create_tenant_schema(conn, row["tenant_id"])
@@ -286,6 +316,8 @@ class Storage:
         async with self._connection() as conn, conn.transaction():
             tables = await self._tenant(conn, tenant_id)
             keyring = await self.keys.keyring(conn, tenant_id)
+            # Under FORCE row-level security a non-superuser owner sees only this tenant's rows.
+            await conn.execute("SELECT set_config('app.current_tenant', $1, true)", tenant_id)
             cursor = conn.cursor(
                 "SELECT well_id, parameter_name, ts, unit, key_version, sealed"
                 f" FROM {tables.points}"
@@ -359,7 +391,14 @@ class Storage:
 
     async def _create_tenant_schema(self, conn: asyncpg.Connection, tenant_id: str) -> None:
         tables = await self._resolve(conn, tenant_id)
-        await conn.execute(_sql("tenant.sql").format(schema=tables.schema))
+        schema_literal, tenant_literal = await conn.fetchrow(
+            "SELECT quote_literal($1), quote_literal($2)", f"{tenant_id}_streams", tenant_id
+        )
+        await conn.execute(
+            _sql("tenant.sql").format(
+                schema=tables.schema, schema_literal=schema_literal, tenant_literal=tenant_literal
+            )
+        )
         today = datetime.now(UTC).date()
         days = [
             today + timedelta(days=n) for n in range(-1, self._config.partitions_ahead_days + 1)
@@ -517,11 +556,15 @@ class Storage:
         records = _seal_points(keyring, tenant_id, batch.accepted)
         quarantined = [_seal_rejection(keyring, tenant_id, ingestion_id, q) for q in batch.rejected]
         async with conn.transaction():
+            # Row-level security's fence for this transaction: the writer role, this tenant.
+            await conn.execute(TENANT_FENCE, tenant_id)
             ledgered = agent_id is not None and batch_sequence is not None
             if ledgered:
                 claimed = await conn.fetchval(
-                    f"INSERT INTO {tables.ledger} (agent_id, batch_sequence, ingestion_id)"
-                    " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true",
+                    f"INSERT INTO {tables.ledger}"
+                    " (tenant_id, agent_id, batch_sequence, ingestion_id)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+                    tenant_id,
                     agent_id,
                     batch_sequence,
                     ingestion_id,
@@ -589,9 +632,9 @@ class Storage:
         self, conn: asyncpg.Connection, tables: _TenantTables, rows: list[tuple[Any, ...]]
     ) -> None:
         await conn.executemany(
-            f"INSERT INTO {tables.quarantine} (ingestion_id, point_index, well_id,"
+            f"INSERT INTO {tables.quarantine} (tenant_id, ingestion_id, point_index, well_id,"
             " parameter_name, ts, field, key_version, sealed, sealed_reason)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             rows,
         )
 
@@ -624,6 +667,7 @@ def _seal_rejection(
     secret = SealedValue(q.value, q.value, q.unit, q.quality_code, q.source)
     identity = quarantine_identity(tenant_id, ingestion_id, q.index)
     return (
+        tenant_id,
         ingestion_id,
         q.index,
         q.well_id,

@@ -1,5 +1,7 @@
--- One tenant's sandbox. {schema} is the schema name quoted by the server's quote_ident();
--- this file is applied idempotently when a tenant is created and at every start.
+-- One tenant's sandbox. {schema} is the schema name quoted by the server's quote_ident(),
+-- {schema_literal} and {tenant_literal} the schema name and tenant id quoted by its
+-- quote_literal(); this file is applied idempotently when a tenant is created and at every
+-- start.
 CREATE SCHEMA IF NOT EXISTS {schema};
 
 -- Points, one row per (well_id, parameter_name, ts): the identity that makes a resend harmless.
@@ -23,6 +25,7 @@ CREATE TABLE IF NOT EXISTS {schema}.real_time_parameters (
 
 -- One row per committed agent batch, written in the batch's transaction.
 CREATE TABLE IF NOT EXISTS {schema}.batch_ledger (
+    tenant_id       text NOT NULL DEFAULT {tenant_literal},
     agent_id        text NOT NULL,
     batch_sequence  bigint NOT NULL,
     ingestion_id    text NOT NULL,
@@ -36,6 +39,7 @@ CREATE TABLE IF NOT EXISTS {schema}.batch_ledger (
 -- Points refused by the domain rules, as they were sent, with the reason.
 CREATE TABLE IF NOT EXISTS {schema}.quarantine (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id      text NOT NULL DEFAULT {tenant_literal},
     ingestion_id   text NOT NULL,
     point_index    integer NOT NULL,
     well_id        text NOT NULL,
@@ -48,3 +52,41 @@ CREATE TABLE IF NOT EXISTS {schema}.quarantine (
     sealed_reason  bytea NOT NULL,
     received_at    timestamptz NOT NULL DEFAULT now()
 );
+
+-- Row-level security, the second fence behind the per-tenant schema: the gateway writes as
+-- welltegra_writer with app.current_tenant set for the transaction (set_config(..., true), a
+-- bind parameter), and sees or writes only rows of that tenant. FORCE applies it to the
+-- tables' owner too.
+-- Tables made before row-level security had no tenant column in the ledger and quarantine.
+ALTER TABLE {schema}.batch_ledger
+    ADD COLUMN IF NOT EXISTS tenant_id text NOT NULL DEFAULT {tenant_literal};
+ALTER TABLE {schema}.quarantine
+    ADD COLUMN IF NOT EXISTS tenant_id text NOT NULL DEFAULT {tenant_literal};
+GRANT USAGE ON SCHEMA {schema} TO welltegra_writer;
+GRANT SELECT, INSERT, UPDATE ON {schema}.real_time_parameters, {schema}.batch_ledger,
+    {schema}.quarantine TO welltegra_writer;
+ALTER TABLE {schema}.real_time_parameters ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.real_time_parameters FORCE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.batch_ledger ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.batch_ledger FORCE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.quarantine ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.quarantine FORCE ROW LEVEL SECURITY;
+DO $$
+DECLARE
+    target text;
+BEGIN
+    FOREACH target IN ARRAY ARRAY['real_time_parameters', 'batch_ledger', 'quarantine'] LOOP
+        IF NOT EXISTS (
+            SELECT FROM pg_policies
+            WHERE schemaname = {schema_literal} AND tablename = target
+              AND policyname = 'tenant_only'
+        ) THEN
+            EXECUTE format(
+                'CREATE POLICY tenant_only ON %I.%I'
+                ' USING (tenant_id = current_setting(''app.current_tenant'', true))'
+                ' WITH CHECK (tenant_id = current_setting(''app.current_tenant'', true))',
+                {schema_literal}, target);
+        END IF;
+    END LOOP;
+END
+$$;
