@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import astuple, dataclass, field, fields, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
@@ -43,6 +44,20 @@ class AuditEvent:
 _COLUMNS = [f.name for f in fields(AuditEvent)]
 
 
+_TEXT_LIMIT = 1000
+
+
+def _printable(event: AuditEvent) -> AuditEvent:
+    """Text from callers (agent ids, token claims, messages quoting them) as the database takes
+    it: no NUL (PostgreSQL text cannot hold one) and at most 1,000 characters."""
+    changes: dict[str, Any] = {}
+    for name in _COLUMNS:
+        value = getattr(event, name)
+        if isinstance(value, str) and ("\x00" in value or len(value) > _TEXT_LIMIT):
+            changes[name] = value.replace("\x00", "\\x00")[:_TEXT_LIMIT]
+    return replace(event, **changes) if changes else event
+
+
 class AuditLog:
     """A bounded, batched writer of audit rows."""
 
@@ -60,7 +75,7 @@ class AuditLog:
     def record(self, event: AuditEvent) -> None:
         """Queue ``event`` without waiting; never raises."""
         try:
-            self._queue.put_nowait(event)
+            self._queue.put_nowait(_printable(event))
         except asyncio.QueueFull:
             if self.dropped == 0:
                 log.error("audit queue full: audit events are being dropped until it drains")
@@ -105,8 +120,27 @@ class AuditLog:
                     log.warning("audit queue drained; %d audit events were dropped", self.dropped)
                     self.dropped = 0
                 return
+            except asyncpg.DataError as exc:
+                # A row the database refuses (not an outage): retrying would block every later
+                # event for ever. Write the batch row by row and drop only what is refused.
+                log.error("audit batch refused (%s); writing it row by row", exc)
+                await self._write_each(batch)
+                return
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # Audit rows matter: keep the batch and retry until the database is back.
                 log.warning("audit write failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    async def _write_each(self, batch: list[AuditEvent]) -> None:
+        async with self._pool.acquire() as conn:
+            for event in batch:
+                try:
+                    await conn.copy_records_to_table(
+                        "audit_log",
+                        schema_name="system_monitoring",
+                        columns=_COLUMNS,
+                        records=[astuple(event)],
+                    )
+                except asyncpg.DataError as exc:
+                    log.error("audit event dropped, the database refuses it: %s (%r)", exc, event)

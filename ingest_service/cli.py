@@ -203,8 +203,9 @@ def _instant(text: str) -> datetime:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    # Limits are stored as 32-bit integers (bytes per day as 64-bit, which no day reaches).
+    if not text.isdigit() or int(text) > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {2**31 - 1}")
     return int(text)
 
 
@@ -295,7 +296,8 @@ async def _with_storage(config: GatewayConfig, args: argparse.Namespace) -> None
     if action == "shred" and not args.yes:
         raise UsageError(f"shredding makes every stored value of {args.name} unreadable: add --yes")
     try:
-        provider = config.key_provider(os.environ) if action in _NEEDS_MASTER_KEY else None
+        needs_key = action in _NEEDS_MASTER_KEY
+        provider = config.key_provider(os.environ, admin=True) if needs_key else None
     except KeyringError as exc:
         raise UsageError(str(exc)) from exc
     with _servers(config) as (database_url, _redis_url):
@@ -334,7 +336,7 @@ async def _query(storage: Storage, args: argparse.Namespace) -> None:
     writer = csv.writer(sys.stdout)
     writer.writerow(ReadPoint.__dataclass_fields__)
     async for p in points:
-        writer.writerow(_as_dict(p).values())
+        writer.writerow({**_as_dict(p), "timestamp": p.timestamp.isoformat()}.values())
 
 
 def _as_dict(point: ReadPoint) -> dict[str, Any]:

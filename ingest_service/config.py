@@ -246,11 +246,12 @@ class GatewayConfig(_Strict):
     def dev_key_file(self) -> Path:
         return self.data_dir / "dev-signing-key.pem"
 
-    def key_provider(self, environ: Mapping[str, str]) -> MasterKeyProvider:
+    def key_provider(self, environ: Mapping[str, str], *, admin: bool) -> MasterKeyProvider:
         """The master key, from the environment, the configured file, or the data directory's
-        development key (made by ``serve --dev``; admin commands on that data dir use it too)."""
+        development key: made by ``serve --dev``, and used by admin commands on that data dir
+        (never by a ``serve`` without ``--dev``)."""
         dev_file: Path | None = self.data_dir / "dev-master.key"
-        if not (self.dev or (dev_file is not None and dev_file.exists())):
+        if not (self.dev or (admin and dev_file is not None and dev_file.exists())):
             dev_file = None
         return MasterKeyProvider(load_master_key(environ, self.master_key_file, dev_file))
 

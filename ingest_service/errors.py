@@ -134,8 +134,8 @@ class InvalidRequest(GatewayError):
 
 
 def _retry_info(seconds: float) -> any_pb2.Any:
-    whole = int(seconds)
-    delay = duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+    millis = max(0, round(seconds * 1000))  # to the millisecond: no float noise in the wait
+    delay = duration_pb2.Duration(seconds=millis // 1000, nanos=(millis % 1000) * 1_000_000)
     packed = any_pb2.Any()
     packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     return packed

@@ -53,6 +53,16 @@ class Keystore:
             self.provider.wrap(new_data_key(), _context(tenant_id, 1)),
         )
 
+    async def check_master_key(self) -> None:
+        """Raise ``KeyringError`` if the master key does not open the stored data keys (a
+        gateway started with the wrong key would otherwise fail every write)."""
+        row = await self._pool.fetchrow(
+            "SELECT tenant_id, version, wrapped_key FROM welltegra.tenant_keys"
+            " WHERE wrapped_key IS NOT NULL ORDER BY created_at DESC LIMIT 1"
+        )
+        if row is not None:
+            self.provider.unwrap(row["wrapped_key"], _context(row["tenant_id"], row["version"]))
+
     async def keyring(self, conn: asyncpg.Connection, tenant_id: str) -> TenantKeyring:
         """The tenant's keys, unwrapped; ``UnknownTenant`` once it is shredded."""
         cached = self._cache.get(tenant_id)
@@ -88,6 +98,15 @@ class Keystore:
             )
             if current is None:
                 raise UnknownTenant(f"tenant {tenant_id!r} has no data key to rotate")
+            # A new key under another master key would leave the tenant with keys that no one
+            # master key opens: prove this one opens the current key first.
+            wrapped = await conn.fetchval(
+                "SELECT wrapped_key FROM welltegra.tenant_keys WHERE tenant_id = $1"
+                " AND version = $2",
+                tenant_id,
+                current,
+            )
+            self.provider.unwrap(wrapped, _context(tenant_id, int(current)))
             version = int(current) + 1
             await conn.execute(
                 "INSERT INTO welltegra.tenant_keys (tenant_id, version, wrapped_key)"

@@ -82,10 +82,17 @@ class Gateway:
             raise ConfigError(problem or "auth.issuer is required")
         registry = ParameterRegistry.with_extra(config.parameters)
         try:
-            provider = config.key_provider(os.environ)
+            provider = config.key_provider(os.environ, admin=False)
         except KeyringError as exc:
             raise ConfigError(str(exc)) from exc
         self._storage = await Storage.connect(self._database_url, config.storage, provider)
+        try:
+            await self._storage.keys.check_master_key()
+        except KeyringError as exc:
+            raise ConfigError(
+                "the master key does not open the tenants' stored data keys: is it the key"
+                " this database was set up with?"
+            ) from exc
         self._audit = AuditLog(self._storage.pool)
         self._audit.start()
         if self._redis_url:

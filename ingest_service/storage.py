@@ -43,6 +43,7 @@ from tenacity import (
 from ingest_service.config import StorageConfig
 from ingest_service.crypto import (
     KeyProvider,
+    KeyringError,
     SealedValue,
     TenantKeyring,
     pack_value,
@@ -506,6 +507,11 @@ class Storage:
                         return await self._write(
                             tenant_id, batch, ingestion_id, agent_id, batch_sequence, deadline
                         )
+        except KeyringError as exc:
+            # The gateway's master key does not open this tenant's data key: an operator's
+            # problem; the client is told to retry later and nothing is stored unsealed.
+            log.error("cannot seal for %s: %s", tenant_id, exc)
+            raise StorageUnavailable("storage is unavailable; retry later") from exc
         except (*_TRANSIENT, _PartitionMissing, asyncpg.PostgresError, TimeoutError) as exc:
             log.warning("storing batch %s for %s failed: %r", ingestion_id, tenant_id, exc)
             raise StorageUnavailable("storage is unavailable; retry later") from exc

@@ -16,10 +16,11 @@ import asyncpg
 import grpc
 import pytest
 
-from ingest_service.config import GatewayConfig
-from ingest_service.crypto import KeyringError
+from ingest_service.config import ConfigError, GatewayConfig
+from ingest_service.crypto import KeyringError, MasterKeyProvider
 from ingest_service.errors import UnknownTenant
 from ingest_service.server import Gateway
+from ingest_service.storage import Storage
 from welltegra.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 from ..conftest import TokenFactory
@@ -218,12 +219,22 @@ async def test_another_master_key_cannot_unwrap_the_tenants_keys(
     tenant: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("WELLTEGRA_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    other_key = base64.b64encode(os.urandom(32)).decode()
+    monkeypatch.setenv("WELLTEGRA_MASTER_KEY", other_key)
+    # A gateway with the wrong master key refuses to start instead of failing every write.
     other = Gateway(gateway_config, database_url, None)
-    await other.start()
+    with pytest.raises(ConfigError, match="does not open the tenants' stored data keys"):
+        await other.start()
+    await other.stop()
+    # And the keys themselves do not open with it, nor can a rotation add one under it.
+    storage = await Storage.connect(
+        database_url, gateway_config.storage, MasterKeyProvider(base64.b64decode(other_key))
+    )
     try:
-        async with other.storage.pool.acquire() as conn:
+        async with storage.pool.acquire() as conn:
             with pytest.raises(KeyringError, match="does not open with this master key"):
-                await other.storage.keys.keyring(conn, tenant)
+                await storage.keys.keyring(conn, tenant)
+        with pytest.raises(KeyringError):
+            await storage.keys.rotate(tenant)
     finally:
-        await other.stop(grace=1)
+        await storage.close()
