@@ -54,7 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
@@ -719,16 +719,7 @@ def _parser() -> argparse.ArgumentParser:
         default=5,
         help="batches per stream in the warm-up (default 5)",
     )
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL"),
-        help="PostgreSQL URL (default env DATABASE_URL, else an embedded server)",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL"),
-        help="Redis URL (default env REDIS_URL, else an embedded server)",
-    )
+    add_server_arguments(parser)
     parser.add_argument(
         "--gateway-profile",
         metavar="FILE",
@@ -758,19 +749,41 @@ def servers(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[str, str
         yield database_url, redis_url
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.latency_batches is None:
-        args.latency_batches = max(args.streams, args.points // args.batch)
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """--database-url and --redis-url, shared by every benchmark here."""
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL"),
+        help="PostgreSQL URL (default env DATABASE_URL, else an embedded server)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="Redis URL (default env REDIS_URL, else an embedded server)",
+    )
+
+
+def run_benchmark(
+    benchmark_fn: Callable[[argparse.Namespace, str, str], Awaitable[dict[str, Any]]],
+    args: argparse.Namespace,
+) -> int:
+    """Start the servers (given or embedded), run ``benchmark_fn`` and end the output with its
+    figures as one line of JSON, for scripts and CI. Shared by every benchmark here."""
     logging.basicConfig(level=logging.WARNING, format="bench: %(levelname)s %(name)s: %(message)s")
     with (
         tempfile.TemporaryDirectory(prefix="wt-bench-servers-") as servers_dir,
         servers(args, Path(servers_dir)) as (database_url, redis_url),
     ):
-        figures = asyncio.run(benchmark(args, database_url, redis_url))
-    # The last line of the output, alone: for scripts and CI.
+        figures = asyncio.run(benchmark_fn(args, database_url, redis_url))
     print(json.dumps(figures), flush=True)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.latency_batches is None:
+        args.latency_batches = max(args.streams, args.points // args.batch)
+    return run_benchmark(benchmark, args)
 
 
 if __name__ == "__main__":

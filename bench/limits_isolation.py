@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
 import os
 import secrets
 import statistics
@@ -50,13 +48,14 @@ import grpc
 
 # The throughput benchmark, a sibling module: run as a script, Python puts bench/ on sys.path.
 from gateway_throughput import (
+    add_server_arguments,
     cleanup,
     gateway_config,
     gateway_process,
     percentile,
     positive_int,
     progress,
-    servers,
+    run_benchmark,
 )
 from google.rpc import error_details_pb2, status_pb2
 from redis import asyncio as aioredis
@@ -633,29 +632,12 @@ def _parser() -> argparse.ArgumentParser:
         "--phase", type=positive_float, default=15.0, help="seconds per phase (default 15)"
     )
     parser.add_argument("--runs", type=positive_int, default=3, help="measured runs (default 3)")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL"),
-        help="PostgreSQL URL (default env DATABASE_URL, else an embedded server)",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL"),
-        help="Redis URL (default env REDIS_URL, else an embedded server)",
-    )
+    add_server_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="bench: %(levelname)s %(name)s: %(message)s")
-    with (
-        tempfile.TemporaryDirectory(prefix="wt-bench-servers-") as servers_dir,
-        servers(args, Path(servers_dir)) as (database_url, redis_url),
-    ):
-        figures = asyncio.run(benchmark(args, database_url, redis_url))
-    print(json.dumps(figures), flush=True)  # the last line, alone: for scripts and CI
-    return 0
+    return run_benchmark(benchmark, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import secrets
 import ssl
@@ -55,6 +54,7 @@ import httpx
 from gateway_throughput import (
     Batch,
     Workload,
+    add_server_arguments,
     batch_size_arg,
     build_workload,
     cleanup,
@@ -67,7 +67,7 @@ from gateway_throughput import (
     percentile,
     positive_int,
     progress,
-    servers,
+    run_benchmark,
 )
 
 from ingest_service.devkeys import DevSigningKey
@@ -574,30 +574,12 @@ def _parser() -> argparse.ArgumentParser:
         help="points per request/batch, at most 1000 (default 1000)",
     )
     parser.add_argument("--runs", type=positive_int, default=3, help="measured runs (default 3)")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL"),
-        help="PostgreSQL URL (default env DATABASE_URL, else an embedded server)",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL"),
-        help="Redis URL (default env REDIS_URL, else an embedded server)",
-    )
+    add_server_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="bench: %(levelname)s %(name)s: %(message)s")
-    with (
-        tempfile.TemporaryDirectory(prefix="wt-bench-servers-") as servers_dir,
-        servers(args, Path(servers_dir)) as (database_url, redis_url),
-    ):
-        figures = asyncio.run(benchmark(args, database_url, redis_url))
-    # The last line of the output, alone: for scripts and CI.
-    print(json.dumps(figures), flush=True)
-    return 0
+    return run_benchmark(benchmark, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -53,15 +53,21 @@ class Keystore:
             self.provider.wrap(new_data_key(), _context(tenant_id, 1)),
         )
 
-    async def check_master_key(self) -> None:
-        """Raise ``KeyringError`` if the master key does not open the stored data keys (a
-        gateway started with the wrong key would otherwise fail every write)."""
-        row = await self._pool.fetchrow(
-            "SELECT tenant_id, version, wrapped_key FROM welltegra.tenant_keys"
-            " WHERE wrapped_key IS NOT NULL ORDER BY created_at DESC LIMIT 1"
+    async def tenants_it_cannot_open(self) -> list[str]:
+        """The tenants whose current data key this master key does not open: a gateway started
+        with the wrong key would fail their every write, so start-up says so loudly."""
+        rows = await self._pool.fetch(
+            "SELECT DISTINCT ON (tenant_id) tenant_id, version, wrapped_key"
+            " FROM welltegra.tenant_keys WHERE wrapped_key IS NOT NULL"
+            " ORDER BY tenant_id, version DESC"
         )
-        if row is not None:
-            self.provider.unwrap(row["wrapped_key"], _context(row["tenant_id"], row["version"]))
+        unopened = []
+        for row in rows:
+            try:
+                self.provider.unwrap(row["wrapped_key"], _context(row["tenant_id"], row["version"]))
+            except KeyringError:
+                unopened.append(row["tenant_id"])
+        return unopened
 
     async def keyring(self, conn: asyncpg.Connection, tenant_id: str) -> TenantKeyring:
         """The tenant's keys, unwrapped; ``UnknownTenant`` once it is shredded."""
