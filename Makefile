@@ -36,6 +36,7 @@ serve: $(STAMP)  ## The gateway with Envoy on https://localhost:8443 (REST and g
 bench: $(STAMP)  ## Benchmarks, each printing its figure beside its ceiling
 	$(BIN)/python bench/gateway_throughput.py
 	$(BIN)/python bench/rest_throughput.py
+	$(BIN)/python bench/limits_isolation.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
