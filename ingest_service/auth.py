@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from ingest_service.audit import AuditEvent, AuditLog
 from ingest_service.config import AuthConfig
 from ingest_service.errors import GatewayError, InsufficientScope, InvalidToken, abort
+from ingest_service.metrics import GatewayMetrics
 from ingest_service.tenancy import check_tenant_id
 
 __all__ = ["AuthInterceptor", "Principal", "TokenVerifier", "current_principal"]
@@ -192,10 +193,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Verifies the token of every call to the guarded services; others (health, reflection)
     pass untouched."""
 
-    def __init__(self, verifier: TokenVerifier, audit: AuditLog, guarded_prefix: str) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        audit: AuditLog,
+        guarded_prefix: str,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self._verifier = verifier
         self._audit = audit
         self._prefix = guarded_prefix
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -216,15 +224,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, handler: grpc.RpcMethodHandler, action: str, error: GatewayError
     ) -> grpc.RpcMethodHandler:
         async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            self._audit.record(
-                AuditEvent(
-                    action=action,
-                    outcome="refused",
-                    reason=error.reason,
-                    message=error.message,
-                    peer=context.peer(),
-                )
+            event = AuditEvent(
+                action=action,
+                outcome="refused",
+                reason=error.reason,
+                message=error.message,
+                peer=context.peer(),
             )
+            self._audit.record(event)
+            if self._metrics is not None:
+                self._metrics.record(event)
             await abort(context, error)
 
         return _replace_behaviour(handler, lambda _original: refuse)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from redis import asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from ingest_service.metrics import GatewayMetrics
 from ingest_service.validation import StoredPoint
 
 __all__ = ["LatestValueCache", "cache_key"]
@@ -42,8 +43,14 @@ def cache_key(tenant_id: str, well_id: str, parameter_name: str) -> str:
 class LatestValueCache:
     """Writes the newest point per key of each batch, if it is newer than what is cached."""
 
-    def __init__(self, client: aioredis.Redis, ttl_seconds: int = 300) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl_seconds: int = 300,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self._client = client
+        self._metrics = metrics
         self._ttl = ttl_seconds
         self._sha = hashlib.sha1(_SET_IF_NEWER.encode()).hexdigest()
         self.failures = 0
@@ -65,6 +72,8 @@ class LatestValueCache:
                 await self._run(tenant_id, newest)
         except (RedisError, OSError) as exc:
             self.failures += 1
+            if self._metrics is not None:
+                self._metrics.cache_failures.inc()
             if not self._failing:
                 log.warning("latest-value cache unavailable, ingest continues without it: %s", exc)
                 self._failing = True

@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="also run Envoy here: TLS 1.3, REST (POST /v1/ingest/realtime) and gRPC",
     )
+    serve.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at GET /metrics here (e.g. 127.0.0.1:9464; default off)",
+    )
     serve.add_argument("--envoy-cert", type=Path, help="Envoy's certificate (default: self-signed)")
     serve.add_argument("--envoy-key", type=Path, help="Envoy's private key")
     serve.add_argument("--issuer", help="expected token issuer (iss)")
@@ -254,6 +259,13 @@ async def _serve(config: GatewayConfig) -> None:
             port = await gateway.start()
             host = config.grpc_listen.rpartition(":")[0]
             print(f"welltegra-ingest: serving gRPC on {host}:{port}", flush=True)
+            if config.metrics_listen is not None:
+                metrics_host = config.metrics_listen.rpartition(":")[0]
+                print(
+                    f"welltegra-ingest: serving metrics on"
+                    f" http://{metrics_host}:{gateway.metrics_port}/metrics",
+                    flush=True,
+                )
             if issuer is not None:
                 await issuer.start(gateway.storage.pool)
                 print(
@@ -414,6 +426,7 @@ def _run(args: argparse.Namespace) -> None:
         config = _config(
             args,
             grpc_listen=args.grpc_listen,
+            metrics_listen=args.metrics_listen,
             dev=args.dev,
             # Merged key by key with the file's sections, so a flag may complete a section.
             tls={"cert_file": args.tls_cert, "key_file": args.tls_key},

@@ -203,6 +203,8 @@ class GatewayConfig(_Strict):
     redis_url: str | None = None
     tls: TlsConfig | None = None
     envoy: EnvoyConfig | None = None
+    # GET /metrics (Prometheus text format) here, e.g. 127.0.0.1:9464. None: not served.
+    metrics_listen: HostPort | None = None
     dev: bool = False
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()

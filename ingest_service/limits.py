@@ -12,8 +12,9 @@ Redis Cluster shard. The script reads Redis' clock, not ours, so gateways need n
 
 When Redis does not answer within ``redis_timeout`` (50 ms), the same limits apply from buckets
 in this process instead (per process, so N gateways admit up to N times as much during the
-outage): ingestion never stops because the cache is down. A gauge and one log line per outage
-say so; Redis is tried again after a second, and the fallback ends by itself.
+outage): ingestion never stops because the cache is down. The gauge
+``welltegra_gateway_limits_fallback_active`` and one log line per outage say so; Redis is tried
+again after a second, and the fallback ends by itself.
 
 A refusal is RESOURCE_EXHAUSTED with ErrorInfo ``rate_limit_exceeded`` or
 ``daily_volume_exceeded`` and RetryInfo holding the exact wait, or ``payload_too_large``.
@@ -29,11 +30,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
-from prometheus_client import Gauge
 from redis import asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from ingest_service.errors import LimitExceeded, PayloadTooLarge
+from ingest_service.metrics import GatewayMetrics
 
 __all__ = [
     "AdmitAll",
@@ -45,11 +46,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-FALLBACK_ACTIVE = Gauge(
-    "welltegra_gateway_limits_fallback_active",
-    "1 while per-tenant limits are enforced in-process because Redis is unreachable or slow",
-)
 
 # KEYS[1]: the tenant's GCRA "theoretical arrival time" (ms); KEYS[2]: bytes of this UTC day.
 # ARGV: emission interval (ms), burst tolerance (ms), message bytes, bytes per day.
@@ -160,8 +156,10 @@ class RedisLimiter:
         client: aioredis.Redis | None,
         limits: TenantLimits,
         retry_redis_after: float = 1.0,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._client = client
+        self._metrics = metrics
         self._limits = limits
         self._sha = hashlib.sha1(_ADMIT.encode()).hexdigest()
         self._local: dict[str, _LocalState] = {}
@@ -216,13 +214,15 @@ class RedisLimiter:
                 )
                 self._in_fallback = True
                 self.fallback_episodes += 1
-                FALLBACK_ACTIVE.set(1)
+                if self._metrics is not None:
+                    self._metrics.limits_fallback_active.set(1)
             self._redis_down_until = time.monotonic() + self._retry_redis_after
             return None
         if self._in_fallback:
             log.info("limits: Redis is back; limits are shared across gateways again")
             self._in_fallback = False
-            FALLBACK_ACTIVE.set(0)
+            if self._metrics is not None:
+                self._metrics.limits_fallback_active.set(0)
         return int(result[0]), int(result[1])
 
     def _admit_locally(

@@ -8,10 +8,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 from redis import asyncio as aioredis
 
 from ingest_service.audit import AuditLog
@@ -21,6 +24,7 @@ from ingest_service.config import ConfigError, GatewayConfig
 from ingest_service.crypto import KeyringError
 from ingest_service.devkeys import DevSigningKey
 from ingest_service.limits import AdmitAll, ConfiguredLimits, Limiter, LimitPolicy, RedisLimiter
+from ingest_service.metrics import GatewayMetrics
 from ingest_service.parameters import ParameterRegistry
 from ingest_service.service import SERVICE_NAME, IngestPipeline
 from ingest_service.storage import Storage
@@ -34,7 +38,7 @@ HEALTH_INTERVAL_SECONDS = 2.0
 
 
 class ListenError(RuntimeError):
-    """The gRPC listener cannot bind its address."""
+    """The gRPC listener (or the metrics endpoint) cannot bind its address."""
 
 
 class Gateway:
@@ -52,7 +56,10 @@ class Gateway:
         self._health_task: asyncio.Task[None] | None = None
         self._limits_client: aioredis.Redis | None = None
         self._redis_limiter: RedisLimiter | None = None
+        self._metrics_server: tuple[WSGIServer, threading.Thread] | None = None
+        self.metrics = GatewayMetrics()
         self.port = 0
+        self.metrics_port = 0
 
     @property
     def storage(self) -> Storage:
@@ -102,7 +109,9 @@ class Gateway:
             client = aioredis.Redis.from_url(
                 self._redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
             )
-            self._cache = LatestValueCache(client, int(config.cache_ttl.total_seconds()))
+            self._cache = LatestValueCache(
+                client, int(config.cache_ttl.total_seconds()), self.metrics
+            )
         extra_keys = []
         if config.dev:
             extra_keys.append(DevSigningKey.load_or_create(config.dev_key_file).public_path)
@@ -113,9 +122,12 @@ class Gateway:
             validator=Validator(registry, config.storage.future_tolerance, config.storage.max_age),
             limiter=self._limiter(),
             audit=self._audit,
+            metrics=self.metrics,
         )
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(verifier, self._audit, f"/{SERVICE_NAME}/")],
+            interceptors=[
+                AuthInterceptor(verifier, self._audit, f"/{SERVICE_NAME}/", self.metrics)
+            ],
             options=[
                 # The limits stage refuses what is over a tenant's limit, with a reason and an
                 # audit row; grpc itself only stops what is far beyond it.
@@ -135,7 +147,21 @@ class Gateway:
         await self._set_health(await self._storage.ping())
         self._health_task = asyncio.create_task(self._watch_health(), name="health-watch")
         log.info("gateway listening on %s (port %d)", config.grpc_listen, self.port)
+        if config.metrics_listen is not None:
+            self.metrics_port = self._serve_metrics(config.metrics_listen)
+            log.info("metrics on %s (port %d)", config.metrics_listen, self.metrics_port)
         return self.port
+
+    def _serve_metrics(self, address: str) -> int:
+        """``GET /metrics`` on ``address`` (prometheus_client's server, in a thread of its own)."""
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        try:
+            server, thread = start_http_server(int(port), host, registry=self.metrics.registry)
+        except OSError as exc:
+            raise ListenError(f"cannot serve metrics on {address}: {exc.strerror}") from exc
+        self._metrics_server = (server, thread)
+        return int(server.server_port)
 
     def _limiter(self) -> Limiter:
         limits = self.config.limits
@@ -157,7 +183,7 @@ class Gateway:
         overrides = ConfiguredLimits(
             defaults, self.storage.limit_overrides, limits.overrides_cache.total_seconds()
         )
-        self._redis_limiter = RedisLimiter(client, overrides)
+        self._redis_limiter = RedisLimiter(client, overrides, metrics=self.metrics)
         return self._redis_limiter
 
     def _listen(self, server: grpc.aio.Server) -> int:
@@ -215,6 +241,12 @@ class Gateway:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking calls, let running ones finish within ``grace``, then close. Safe to call
         after a failed or partial start."""
+        if self._metrics_server is not None:
+            server, thread = self._metrics_server
+            self._metrics_server = None
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
+            thread.join(timeout=5)
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

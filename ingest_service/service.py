@@ -30,6 +30,7 @@ from ingest_service.auth import Principal, current_principal
 from ingest_service.cache import LatestValueCache
 from ingest_service.errors import FieldViolation, GatewayError, InvalidRequest, abort
 from ingest_service.limits import Limiter
+from ingest_service.metrics import GatewayMetrics
 from ingest_service.storage import BatchOutcome, Storage
 from ingest_service.tenancy import match_tenant
 from ingest_service.validation import Validator
@@ -67,12 +68,14 @@ class IngestPipeline:
         validator: Validator,
         limiter: Limiter,
         audit: AuditLog,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._storage = storage
         self._cache = cache
         self._validator = validator
         self._limiter = limiter
         self._audit = audit
+        self._metrics = metrics if metrics is not None else GatewayMetrics()
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         """The generic handler serving ``welltegra.ingest.v1.IngestService``."""
@@ -104,7 +107,7 @@ class IngestPipeline:
             )
         except GatewayError as error:
             await self._refuse(context, event, error)
-        self._audit.record(_audited(event, outcome))
+        self._record(_audited(event, outcome))
         summary = f"Ingested {outcome.accepted} data point{'' if outcome.accepted == 1 else 's'}"
         if outcome.duplicate:
             summary += f", {outcome.duplicate} already stored"
@@ -150,7 +153,7 @@ class IngestPipeline:
                 if event.batch_sequence is not None:
                     error.metadata["batch_sequence"] = str(event.batch_sequence)
                 await self._refuse(context, event, error)
-            self._audit.record(_audited(event, outcome))
+            self._record(_audited(event, outcome))
             response.batches.append(
                 ingest_pb2.BatchResult(
                     batch_sequence=batch.batch_sequence,
@@ -178,9 +181,11 @@ class IngestPipeline:
     ) -> _Outcome:
         match_tenant(principal.tenant_id, body_tenant)
         validated = self._validator.validate(points)
-        stored = await self._storage.store_batch(
-            principal.tenant_id, validated, ingestion_id, agent_id, batch_sequence
-        )
+        self._metrics.batch_points.observe(len(points))
+        with self._metrics.storage_seconds.time():
+            stored = await self._storage.store_batch(
+                principal.tenant_id, validated, ingestion_id, agent_id, batch_sequence
+            )
         if self._cache is not None and not stored.duplicate_batch:
             await self._cache.update(principal.tenant_id, validated.accepted)
         rejections = [
@@ -195,10 +200,15 @@ class IngestPipeline:
         event: AuditEvent,
         error: GatewayError,
     ) -> None:
-        self._audit.record(
+        self._record(
             replace(event, outcome="refused", reason=error.reason, message=error.message[:1000])
         )
         await abort(context, error)
+
+    def _record(self, event: AuditEvent) -> None:
+        """The one place a call's (or batch's) outcome is recorded: audit row and metrics."""
+        self._audit.record(event)
+        self._metrics.record(event)
 
 
 class _Outcome:

@@ -17,7 +17,6 @@ from google.rpc import error_details_pb2, status_pb2
 
 from ingest_service.config import GatewayConfig
 from ingest_service.envoy_front import EnvoyFront
-from ingest_service.limits import FALLBACK_ACTIVE
 from ingest_service.server import Gateway
 from welltegra.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -173,6 +172,10 @@ async def test_two_gateways_share_the_limits(
     assert await stored_count(db, tenant) == 6
 
 
+def fallback_active(gateway: Gateway) -> float | None:
+    return gateway.metrics.registry.get_sample_value("welltegra_gateway_limits_fallback_active")
+
+
 async def test_redis_outage_falls_back_in_process_and_recovers(
     gateway_config: GatewayConfig,
     gateway: Gateway,
@@ -191,12 +194,12 @@ async def test_redis_outage_falls_back_in_process_and_recovers(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{own.port}") as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             await call(stub, token, 0)  # through Redis
-            assert FALLBACK_ACTIVE._value.get() == 0
+            assert fallback_active(own) == 0
             proxy.freeze()  # Redis slower than 50 ms: every command times out
             await call(stub, token, 1)
             await call(stub, token, 2)
             await call(stub, token, 3)
-            assert FALLBACK_ACTIVE._value.get() == 1
+            assert fallback_active(own) == 1
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call(stub, token, 4)  # the in-process buckets hold the same limit
             assert rich_status(refused.value)[0] == "rate_limit_exceeded"
@@ -205,7 +208,7 @@ async def test_redis_outage_falls_back_in_process_and_recovers(
             # Redis counted only the first call (the fallback's are this process's own), so
             # it admits this one: the limits are Redis' again.
             await call(stub, token, 5)
-            assert FALLBACK_ACTIVE._value.get() == 0
+            assert fallback_active(own) == 0
             assert own.limits_fallback_episodes == 1
     finally:
         await own.stop(grace=1)
