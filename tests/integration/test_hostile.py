@@ -42,7 +42,7 @@ from .test_limits import refused_count as refusals_of
 from .test_limits import retry_delay
 from .test_refusals import REALTIME, encoded_request, other_rsa_key, rich_status
 from .test_rest import REALTIME as REST_REALTIME
-from .test_rest import bearer
+from .test_rest import bearer, post_uploading
 from .test_token_keys import JwksServer
 
 MiB = 1024 * 1024
@@ -184,7 +184,7 @@ async def post(rest: httpx.AsyncClient, token: str | None, content: Any) -> http
     headers = {"content-type": "application/json"}
     if token is not None:
         headers |= bearer(token)
-    return await rest.post(REST_REALTIME, content=content, headers=headers)
+    return await post_uploading(rest, REST_REALTIME, content, headers)
 
 
 def answer_of(response: httpx.Response) -> dict[str, Any]:
@@ -1333,7 +1333,7 @@ async def test_rest_body_at_and_over_10_mib(
     token = make_token(tenant)
     taken = await post(rest, token, padded_json(LIMIT))
     assert answer_of(taken)["accepted_count"] == 1
-    for content in (padded_json(LIMIT + 1), chunked(padded_json(LIMIT + 1))):
+    for content in (padded_json(LIMIT + 1), lambda: chunked(padded_json(LIMIT + 1))):
         response = await post(rest, token, content)
         assert response.status_code == 413, response.text
         assert response.headers["content-type"] == "application/json"
