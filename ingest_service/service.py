@@ -100,6 +100,7 @@ class IngestPipeline:
         ingestion_id = new_ingestion_id()
         event = _call_event("IngestRealtime", principal, context, ingestion_id)
         try:
+            await self._storage.check_provisioned(principal.tenant_id)
             await self._limiter.admit(principal.tenant_id, len(raw))
             request = _parse(ingest_pb2.IngestRealtimeRequest, raw)
             outcome = await self._run(
@@ -134,6 +135,7 @@ class IngestPipeline:
             ingestion_id = new_ingestion_id()
             event = _call_event("Ingest", principal, context, ingestion_id)
             try:
+                await self._storage.check_provisioned(principal.tenant_id)
                 await self._limiter.admit(principal.tenant_id, len(raw))
                 batch = _parse(ingest_pb2.IngestRequest, raw)
                 event = _with_batch(event, batch)

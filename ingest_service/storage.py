@@ -420,6 +420,20 @@ class Storage:
         self._tenants[tenant_id] = tables
         return tables
 
+    async def check_provisioned(self, tenant_id: str) -> None:
+        """``UnknownTenant`` unless the tenant was created: checked before anything else is
+        spent on a call (limits state, parsing), and cached once the tenant is known."""
+        if tenant_id in self._partitions:
+            return
+        try:
+            async with (
+                asyncio.timeout(self._config.connect_timeout.total_seconds()),
+                self._connection() as conn,
+            ):
+                await self._tenant(conn, tenant_id)
+        except (*_TRANSIENT, asyncpg.PostgresError, TimeoutError) as exc:
+            raise StorageUnavailable("storage is unavailable; retry later") from exc
+
     async def _tenant(self, conn: asyncpg.Connection, tenant_id: str) -> _TenantTables:
         """The tables of a provisioned tenant; ``UnknownTenant`` if it was never created."""
         if tenant_id in self._partitions:

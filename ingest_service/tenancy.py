@@ -21,6 +21,9 @@ def check_tenant_id(tenant_id: str) -> str:
         raise UnknownTenant(
             f"tenant id {tenant_id[:60]!r} is not valid: it must match {TENANT_ID_PATTERN.pattern}"
         )
+    if tenant_id.startswith("pg_"):
+        # PostgreSQL reserves schema names starting with pg_, and a tenant is a schema.
+        raise UnknownTenant(f"tenant id {tenant_id!r} is not valid: pg_ is reserved")
     return tenant_id
 
 

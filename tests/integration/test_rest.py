@@ -65,13 +65,15 @@ async def post_uploading(
     server that refuses a body it has not finished reading (413) closes the connection, and
     the unread bytes can make the peer's TCP reset it before the client reads the 413. A real
     client retries the same way; what is asserted is the answer it then gets."""
-    for attempt in range(3):
+    attempts = 5
+    for attempt in range(attempts):
         body = content() if callable(content) else content
         try:
             return await client.post(path, content=body, headers=headers)
         except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
-            if attempt == 2:
+            if attempt == attempts - 1:
                 raise
+            await asyncio.sleep(0.1 * (attempt + 1))
     raise AssertionError("unreachable")
 
 
