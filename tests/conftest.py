@@ -78,6 +78,22 @@ def public_key_file(tmp_path_factory: pytest.TempPathFactory, rsa_key: rsa.RSAPr
     return path
 
 
+def claims_for(tenant: str, **overrides: Any) -> dict[str, Any]:
+    """The claims of a valid token of the test issuer for ``tenant``, with ``overrides``."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "test-client",
+        "iat": now,
+        "exp": now + 600,
+        "scope": "api:ingest",
+        "tenant_id": tenant,
+    }
+    claims.update(overrides)
+    return claims
+
+
 TokenFactory = Callable[..., str]
 
 
@@ -94,18 +110,7 @@ def make_token(rsa_key: rsa.RSAPrivateKey) -> TokenFactory:
         headers: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> str:
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "iss": ISSUER,
-            "aud": AUDIENCE,
-            "sub": "test-client",
-            "iat": now,
-            "exp": now + 600,
-            "scope": "api:ingest",
-            "tenant_id": tenant,
-        }
-        claims.update(overrides)
-        claims = {k: v for k, v in claims.items() if v is not None}
+        claims = {k: v for k, v in claims_for(tenant, **overrides).items() if v is not None}
         return jwt.encode(
             claims, rsa_key if key is None else key, algorithm=algorithm, headers=headers
         )

@@ -16,7 +16,6 @@ import base64
 import hmac
 import json
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from ingest_service.config import AuthConfig, GatewayConfig
 from ingest_service.server import Gateway
 from welltegra.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
-from ..conftest import AUDIENCE, ISSUER, TokenFactory
+from ..conftest import ISSUER, TokenFactory, claims_for
 from .test_ingest import auth, point, stored_count
 from .test_limits import refused_count as refusals_of
 from .test_limits import retry_delay
@@ -202,21 +201,6 @@ def answer_of(response: httpx.Response) -> dict[str, Any]:
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def claims_for(tenant: str, **overrides: Any) -> dict[str, Any]:
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "test-client",
-        "iat": now,
-        "exp": now + 600,
-        "scope": "api:ingest",
-        "tenant_id": tenant,
-    }
-    claims.update(overrides)
-    return claims
 
 
 def hand_made(

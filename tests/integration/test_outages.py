@@ -4,9 +4,11 @@ an ingest, and both recover by themselves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,6 +45,24 @@ async def wait_for_health(port: int, wanted: int, seconds: float = 20) -> None:
     pytest.fail(f"health never became {health_pb2.HealthCheckResponse.ServingStatus.Name(wanted)}")
 
 
+@contextlib.asynccontextmanager
+async def behind_proxy(
+    config: GatewayConfig, database_url: str, **storage: timedelta
+) -> AsyncIterator[tuple[Gateway, CuttableProxy]]:
+    """A gateway (with ``storage`` settings changed) that reaches Postgres through a proxy
+    the test can cut or freeze; both are stopped afterwards."""
+    proxy, url_template = CuttableProxy.for_postgres(database_url)
+    await proxy.start()
+    settings = config.model_copy(update={"storage": config.storage.model_copy(update=storage)})
+    gateway = Gateway(settings, url_template.format(port=proxy.port), None)
+    try:
+        await gateway.start()
+        yield gateway, proxy
+    finally:
+        await proxy.cut()
+        await gateway.stop(grace=1)
+
+
 async def test_health_follows_postgres_and_ingest_fails_retryably(
     gateway_config: GatewayConfig,
     database_url: str,
@@ -50,11 +70,7 @@ async def test_health_follows_postgres_and_ingest_fails_retryably(
     tenant: str,
     make_token: TokenFactory,
 ) -> None:
-    proxy, url_template = CuttableProxy.for_postgres(database_url)
-    await proxy.start()
-    proxied = Gateway(gateway_config, url_template.format(port=proxy.port), None)
-    await proxied.start()
-    try:
+    async with behind_proxy(gateway_config, database_url) as (proxied, proxy):
         assert await health_status(proxied.port) == health_pb2.HealthCheckResponse.SERVING
         await proxy.cut()
         await wait_for_health(proxied.port, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -76,9 +92,6 @@ async def test_health_follows_postgres_and_ingest_fails_retryably(
                 metadata=auth(make_token(tenant)),
             )
             assert response.accepted_count == 1
-    finally:
-        await proxied.stop(grace=1)
-        await proxy.cut()
 
 
 async def test_redis_outage_never_fails_an_ingest(
@@ -112,18 +125,12 @@ async def test_a_hung_database_is_noticed_and_calls_end_in_time(
     tenant: str,
     make_token: TokenFactory,
 ) -> None:
-    proxy, url_template = CuttableProxy.for_postgres(database_url)
-    await proxy.start()
-    storage = gateway_config.storage.model_copy(
-        update={"batch_timeout": timedelta(seconds=3), "connect_timeout": timedelta(seconds=2)}
-    )
-    hung = Gateway(
-        gateway_config.model_copy(update={"storage": storage}),
-        url_template.format(port=proxy.port),
-        None,
-    )
-    await hung.start()
-    try:
+    async with behind_proxy(
+        gateway_config,
+        database_url,
+        batch_timeout=timedelta(seconds=3),
+        connect_timeout=timedelta(seconds=2),
+    ) as (hung, proxy):
         proxy.freeze()
         await wait_for_health(hung.port, health_pb2.HealthCheckResponse.NOT_SERVING, seconds=10)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{hung.port}") as channel:
@@ -138,9 +145,6 @@ async def test_a_hung_database_is_noticed_and_calls_end_in_time(
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             await proxy.restore()
             await wait_for_health(hung.port, health_pb2.HealthCheckResponse.SERVING)
-    finally:
-        await proxy.cut()
-        await hung.stop(grace=1)
 
 
 async def test_rest_client_sees_503_with_retry_after_while_storage_hangs(
@@ -151,37 +155,37 @@ async def test_rest_client_sees_503_with_retry_after_while_storage_hangs(
     tenant: str,
     make_token: TokenFactory,
 ) -> None:
-    proxy, url_template = CuttableProxy.for_postgres(database_url)
-    await proxy.start()
-    storage = gateway_config.storage.model_copy(update={"batch_timeout": timedelta(seconds=2)})
-    hung = Gateway(
-        gateway_config.model_copy(update={"storage": storage}),
-        url_template.format(port=proxy.port),
-        None,
-    )
-    await hung.start()
-    front = EnvoyFront(tmp_path, "127.0.0.1:0", upstream_port=hung.port)
-    await asyncio.to_thread(front.start)
+    async with behind_proxy(gateway_config, database_url, batch_timeout=timedelta(seconds=2)) as (
+        hung,
+        proxy,
+    ):
+        front = EnvoyFront(tmp_path, "127.0.0.1:0", upstream_port=hung.port)
+        await asyncio.to_thread(front.start)
+        try:
+            refused = await _post_while_frozen(front, proxy, tenant, make_token)
+        finally:
+            await asyncio.to_thread(front.stop)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"] == "storage_unavailable"
+    assert refused.json()["retry_after_seconds"] == 5
+    assert refused.headers["retry-after"] == "5"
+
+
+async def _post_while_frozen(
+    front: EnvoyFront, proxy: CuttableProxy, tenant: str, make_token: TokenFactory
+) -> httpx.Response:
+    """One REST call once the front routes (200), then one with Postgres frozen."""
     context = ssl.create_default_context(cafile=str(front.certificate))
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"https://localhost:{front.port}", verify=context, timeout=30
-        ) as client:
-            payload = {"data_points": [json.loads(MessageToJson(point(0)))]}
-            headers = {"authorization": f"Bearer {make_token(tenant)}"}
-            for _ in range(50):  # Envoy sends traffic once its first health check passed
-                ok = await client.post("/v1/ingest/realtime", json=payload, headers=headers)
-                if ok.status_code == 200:
-                    break
-                await asyncio.sleep(0.2)
-            assert ok.status_code == 200, ok.text
-            proxy.freeze()
-            refused = await client.post("/v1/ingest/realtime", json=payload, headers=headers)
-        assert refused.status_code == 503, refused.text
-        assert refused.json()["error"] == "storage_unavailable"
-        assert refused.json()["retry_after_seconds"] == 5
-        assert refused.headers["retry-after"] == "5"
-    finally:
-        await asyncio.to_thread(front.stop)
-        await proxy.cut()
-        await hung.stop(grace=1)
+    async with httpx.AsyncClient(
+        base_url=f"https://localhost:{front.port}", verify=context, timeout=30
+    ) as client:
+        payload = {"data_points": [json.loads(MessageToJson(point(0)))]}
+        headers = {"authorization": f"Bearer {make_token(tenant)}"}
+        for _ in range(50):  # Envoy sends traffic once its first health check passed
+            ok = await client.post("/v1/ingest/realtime", json=payload, headers=headers)
+            if ok.status_code == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert ok.status_code == 200, ok.text
+        proxy.freeze()
+        return await client.post("/v1/ingest/realtime", json=payload, headers=headers)
