@@ -51,7 +51,8 @@ from ingest_service.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedSer
 from ingest_service.envoy_front import ENVOY_DIR, EnvoyError, EnvoyFront
 from ingest_service.errors import GatewayError
 from ingest_service.server import Gateway, ListenError
-from ingest_service.storage import DatabaseUnreachable, ReadPoint, Storage
+from ingest_service.storage import DatabaseUnreachable, Storage
+from ingest_service.validation import StoredPoint
 
 __all__ = ["main"]
 
@@ -346,13 +347,13 @@ async def _query(storage: Storage, args: argparse.Namespace) -> None:
             print(json.dumps({**_as_dict(p), "timestamp": p.timestamp.isoformat()}))
         return
     writer = csv.writer(sys.stdout)
-    writer.writerow(ReadPoint.__dataclass_fields__)
+    writer.writerow(StoredPoint._fields)
     async for p in points:
         writer.writerow({**_as_dict(p), "timestamp": p.timestamp.isoformat()}.values())
 
 
-def _as_dict(point: ReadPoint) -> dict[str, Any]:
-    return {name: getattr(point, name) for name in ReadPoint.__dataclass_fields__}
+def _as_dict(point: StoredPoint) -> dict[str, Any]:
+    return point._asdict()
 
 
 async def _set_limits(storage: Storage, args: argparse.Namespace) -> None:

@@ -59,7 +59,6 @@ __all__ = [
     "STAGING_COLUMNS",
     "BatchOutcome",
     "DatabaseUnreachable",
-    "ReadPoint",
     "Storage",
     "describe_url",
     "prepare_connection",
@@ -112,21 +111,6 @@ class BatchOutcome:
     rejected: int
     duplicate: int
     duplicate_batch: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ReadPoint:
-    """A stored point as the operator reads it back: decrypted, in its canonical unit."""
-
-    well_id: str
-    parameter_name: str
-    timestamp: datetime
-    value: float
-    unit: str
-    quality_code: str
-    source: str
-    original_value: float
-    original_unit: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +295,7 @@ class Storage:
         parameter_name: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
-    ) -> AsyncIterator[ReadPoint]:
+    ) -> AsyncIterator[StoredPoint]:
         """The tenant's stored points, decrypted, in time order: the operator's read inside
         the cloud (``welltegra-ingest query``). No RPC reaches this."""
         async with self._connection() as conn, conn.transaction():
@@ -337,7 +321,7 @@ class Storage:
                 secret = SealedValue.decode(
                     keyring.open(row["key_version"], row["sealed"], identity)
                 )
-                yield ReadPoint(
+                yield StoredPoint(
                     well_id=row["well_id"],
                     parameter_name=row["parameter_name"],
                     timestamp=row["ts"],

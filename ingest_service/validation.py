@@ -47,8 +47,8 @@ _TIMESTAMP_MAX = 253402300799  # 9999-12-31T23:59:59Z
 
 
 class StoredPoint(NamedTuple):
-    """An accepted point, its value in the parameter's canonical unit. A tuple in the order of
-    the storage's staging columns, so a batch goes to ``COPY`` as it is."""
+    """An accepted point, its value in the parameter's canonical unit; also what the
+    operator's query reads back, decrypted. A tuple: cheap to build for every point."""
 
     well_id: str
     parameter_name: str
