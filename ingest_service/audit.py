@@ -38,6 +38,9 @@ class AuditEvent:
     accepted_count: int = 0
     rejected_count: int = 0
     duplicate_count: int = 0
+    # An Ingest batch replayed from the agent's backlog, and the data gaps a batch recorded.
+    historical: bool = False
+    gap_count: int = 0
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 

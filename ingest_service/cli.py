@@ -2,6 +2,7 @@
 
     welltegra-ingest serve [--config FILE] [--data-dir DIR] [--grpc-listen HOST:PORT] [--dev] ...
     welltegra-ingest tenants create NAME | tenants list
+    welltegra-ingest query --tenant NAME [--well W] [--since T] ... | gaps --tenant NAME ...
     welltegra-ingest token mint --tenant NAME [--scope S ...] [--ttl 1h]
     welltegra-ingest clients create --tenant NAME [--scope S ...] | clients list | clients revoke ID
     welltegra-ingest issuer rotate
@@ -51,7 +52,7 @@ from ingest_service.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedSer
 from ingest_service.envoy_front import ENVOY_DIR, EnvoyError, EnvoyFront
 from ingest_service.errors import GatewayError
 from ingest_service.server import Gateway, ListenError
-from ingest_service.storage import DatabaseUnreachable, Storage
+from ingest_service.storage import DatabaseUnreachable, Storage, StoredGap
 from ingest_service.validation import StoredPoint
 
 __all__ = ["main"]
@@ -161,6 +162,23 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--until", type=_instant, help="RFC 3339 time, exclusive")
     query.add_argument("--format", choices=("csv", "json"), default="csv")
 
+    gaps = commands.add_parser(
+        "gaps", help="list the data gaps (points lost on the agents) a tenant's agents reported"
+    )
+    _common(gaps)
+    gaps.add_argument("--tenant", required=True)
+    gaps.add_argument("--well")
+    gaps.add_argument(
+        "--since", type=_instant, help="RFC 3339 time: only gaps that end at or after it"
+    )
+    gaps.add_argument(
+        "--limit", type=_positive, default=100, help="at most this many, newest first (100)"
+    )
+    gaps.add_argument("--format", choices=("csv", "json"), default="csv")
+    gaps.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="same as --format json"
+    )
+
     token = commands.add_parser("token", help="development access tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     mint = token_commands.add_parser("mint", help="print a token signed with the development key")
@@ -206,6 +224,12 @@ def _instant(text: str) -> datetime:
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone (add Z or +00:00)")
     return moment
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {2**31 - 1}")
+    return int(text)
 
 
 def _count(text: str) -> int:
@@ -301,7 +325,7 @@ async def _serve(config: GatewayConfig) -> None:
             await gateway.stop()
 
 
-_NEEDS_MASTER_KEY = {"create", "rotate-key", "query"}
+_NEEDS_MASTER_KEY = {"create", "rotate-key", "query", "gaps"}
 
 
 async def _with_storage(config: GatewayConfig, args: argparse.Namespace) -> None:
@@ -335,6 +359,8 @@ async def _admin(storage: Storage, action: str, args: argparse.Namespace) -> Non
         print(f"tenant {args.name} shredded: {destroyed} data keys destroyed")
     elif action == "query":
         await _query(storage, args)
+    elif action == "gaps":
+        await _gaps(storage, args)
     else:
         for tenant in await storage.list_tenants():
             print(tenant)
@@ -354,6 +380,25 @@ async def _query(storage: Storage, args: argparse.Namespace) -> None:
 
 def _as_dict(point: StoredPoint) -> dict[str, Any]:
     return point._asdict()
+
+
+async def _gaps(storage: Storage, args: argparse.Namespace) -> None:
+    gaps = storage.read_gaps(args.tenant, args.well, args.since, args.limit)
+    writer = csv.writer(sys.stdout) if args.format == "csv" else None
+    if writer is not None:
+        writer.writerow(StoredGap._fields)
+    async for gap in gaps:
+        row = {
+            **gap._asdict(),
+            **{
+                name: getattr(gap, name).isoformat()
+                for name in ("first_timestamp", "last_timestamp", "received_at")
+            },
+        }
+        if writer is not None:
+            writer.writerow(row.values())
+        else:
+            print(json.dumps(row))
 
 
 async def _set_limits(storage: Storage, args: argparse.Namespace) -> None:
@@ -451,7 +496,7 @@ def _run(args: argparse.Namespace) -> None:
         if problem:
             raise UsageError(problem)
         asyncio.run(_serve(config))
-    elif args.command == "tenants" or args.command == "query":
+    elif args.command in ("tenants", "query", "gaps"):
         asyncio.run(_with_storage(_config(args), args))
     elif args.command == "token":
         _mint(_config(args), args)

@@ -160,7 +160,7 @@ class DevIssuerConfig(_Strict):
         " Envoy, else the issuer's own http://HOST:PORT/.",
     )
     token_lifetime: Duration = Field(
-        default=timedelta(hours=1), ge=timedelta(minutes=1), le=timedelta(days=1)
+        default=timedelta(hours=1), ge=timedelta(seconds=10), le=timedelta(days=1)
     )
 
 

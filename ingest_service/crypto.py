@@ -36,6 +36,7 @@ __all__ = [
     "MasterKeyProvider",
     "SealedValue",
     "TenantKeyring",
+    "gap_identity",
     "load_master_key",
     "new_data_key",
     "pack_value",
@@ -142,6 +143,11 @@ def pack_value(
 def quarantine_identity(tenant_id: str, ingestion_id: str, index: int) -> bytes:
     """The associated data of a quarantined point: its ingestion and position."""
     return "\x1f".join((tenant_id, "quarantine", ingestion_id, str(index))).encode()
+
+
+def gap_identity(tenant_id: str, ingestion_id: str, index: int) -> bytes:
+    """The associated data of a data gap: its batch's ingestion and its position in the batch."""
+    return "\x1f".join((tenant_id, "data_gap", ingestion_id, str(index))).encode()
 
 
 @dataclass(frozen=True, slots=True)

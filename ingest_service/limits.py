@@ -1,8 +1,11 @@
 """Stage 3 of the pipeline: per-tenant limits, checked before a message is parsed.
 
-* requests: ``requests_per_minute`` (a stream's batch counts as one), as GCRA with a burst equal
-  to the per-minute limit, so a tenant may send a minute's worth at once and then one every
-  ``60 / limit`` seconds;
+* requests: ``requests_per_minute`` (a call counts as one: an ``IngestRealtime`` call, or an
+  ``Ingest`` stream, charged at its first batch), as GCRA with a burst equal to the per-minute
+  limit, so a tenant may send a minute's worth at once and then one every ``60 / limit``
+  seconds. An agent keeps its live stream open for seconds and sends a batch every linger:
+  counting its batches would refuse a live agent by default; its volume is what the daily
+  limit bounds;
 * message size: ``max_message_bytes`` per message;
 * volume: ``bytes_per_day`` of payload per UTC day.
 
@@ -48,17 +51,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # KEYS[1]: the tenant's GCRA "theoretical arrival time" (ms); KEYS[2]: bytes of this UTC day.
-# ARGV: emission interval (ms), burst tolerance (ms), message bytes, bytes per day.
+# ARGV: emission interval (ms), burst tolerance (ms), message bytes, bytes per day, and 1 if
+# the message starts a call (charged a request) or 0 if it continues a stream (bytes only).
 # Returns {0, 0} when admitted, {1, wait_ms} over the request rate, {2, wait_ms} over the volume.
 _ADMIT = """
 local now_parts = redis.call('TIME')
 local now = now_parts[1] * 1000 + math.floor(now_parts[2] / 1000)
 local emission, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
 local size, day_limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+local charged = tonumber(ARGV[5]) == 1
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local allow_at = tat - tolerance
-if now < allow_at then
+if charged and now < allow_at then
   return {1, allow_at - now}
 end
 local used = tonumber(redis.call('GET', KEYS[2]) or 0)
@@ -66,7 +71,9 @@ if used + size > day_limit then
   local until_midnight = 86400000 - (now % 86400000)
   return {2, until_midnight}
 end
-redis.call('SET', KEYS[1], tat + emission, 'PX', tolerance + emission + 1000)
+if charged then
+  redis.call('SET', KEYS[1], tat + emission, 'PX', tolerance + emission + 1000)
+end
 redis.call('INCRBY', KEYS[2], size)
 redis.call('PEXPIRE', KEYS[2], 90000000)
 return {0, 0}
@@ -100,8 +107,9 @@ class TenantLimits(Protocol):
 class Limiter(Protocol):
     """Decides whether a tenant may send one more message of ``payload_bytes`` now."""
 
-    async def admit(self, tenant_id: str, payload_bytes: int) -> None:
-        """Return if admitted; raise a ``GatewayError`` (RESOURCE_EXHAUSTED) if not."""
+    async def admit(self, tenant_id: str, payload_bytes: int, *, new_call: bool = True) -> None:
+        """Return if admitted; raise a ``GatewayError`` (RESOURCE_EXHAUSTED) if not.
+        ``new_call`` is False for a stream's later messages: bytes only, no request."""
 
 
 class ConfiguredLimits:
@@ -137,7 +145,7 @@ class ConfiguredLimits:
 class AdmitAll:
     """Admits every message: for tools and tests that need no limits."""
 
-    async def admit(self, tenant_id: str, payload_bytes: int) -> None:
+    async def admit(self, tenant_id: str, payload_bytes: int, *, new_call: bool = True) -> None:
         return None
 
 
@@ -168,7 +176,7 @@ class RedisLimiter:
         self._in_fallback = False
         self.fallback_episodes = 0
 
-    async def admit(self, tenant_id: str, payload_bytes: int) -> None:
+    async def admit(self, tenant_id: str, payload_bytes: int, *, new_call: bool = True) -> None:
         policy = await self._limits.policy(tenant_id)
         if payload_bytes > policy.max_message_bytes:
             raise PayloadTooLarge(
@@ -177,9 +185,11 @@ class RedisLimiter:
             )
         outcome = None
         if self._client is not None and time.monotonic() >= self._redis_down_until:
-            outcome = await self._admit_in_redis(self._client, tenant_id, payload_bytes, policy)
+            outcome = await self._admit_in_redis(
+                self._client, tenant_id, payload_bytes, policy, new_call
+            )
         if outcome is None:
-            outcome = self._admit_locally(tenant_id, payload_bytes, policy)
+            outcome = self._admit_locally(tenant_id, payload_bytes, policy, new_call)
         verdict, wait_ms = outcome
         if verdict == 1:
             raise LimitExceeded(
@@ -195,11 +205,22 @@ class RedisLimiter:
             )
 
     async def _admit_in_redis(
-        self, client: aioredis.Redis, tenant_id: str, payload_bytes: int, policy: LimitPolicy
+        self,
+        client: aioredis.Redis,
+        tenant_id: str,
+        payload_bytes: int,
+        policy: LimitPolicy,
+        new_call: bool,
     ) -> tuple[int, int] | None:
         day = datetime.now(UTC).strftime("%Y%m%d")
         keys = (f"limits:{{{tenant_id}}}:requests", f"limits:{{{tenant_id}}}:bytes:{day}")
-        args = (policy.emission_ms, policy.tolerance_ms, payload_bytes, policy.bytes_per_day)
+        args = (
+            policy.emission_ms,
+            policy.tolerance_ms,
+            payload_bytes,
+            policy.bytes_per_day,
+            int(new_call),
+        )
         try:
             try:
                 result = await client.evalsha(self._sha, 2, *keys, *args)
@@ -226,20 +247,21 @@ class RedisLimiter:
         return int(result[0]), int(result[1])
 
     def _admit_locally(
-        self, tenant_id: str, payload_bytes: int, policy: LimitPolicy
+        self, tenant_id: str, payload_bytes: int, policy: LimitPolicy, new_call: bool
     ) -> tuple[int, int]:
         """The same GCRA and daily volume as the script, on this process's clock."""
         state = self._local.setdefault(tenant_id, _LocalState())
         now_ms = int(time.time() * 1000)
         tat = max(state.tat_ms, now_ms)
         allow_at = tat - policy.tolerance_ms
-        if now_ms < allow_at:
+        if new_call and now_ms < allow_at:
             return 1, allow_at - now_ms
         day = now_ms // 86_400_000
         if state.day != day:
             state.day, state.used_bytes = day, 0
         if state.used_bytes + payload_bytes > policy.bytes_per_day:
             return 2, 86_400_000 - now_ms % 86_400_000
-        state.tat_ms = tat + policy.emission_ms
+        if new_call:
+            state.tat_ms = tat + policy.emission_ms
         state.used_bytes += payload_bytes
         return 0, 0

@@ -19,7 +19,7 @@ __all__ = ["PREFIX", "GatewayMetrics"]
 
 PREFIX = "welltegra_gateway_"
 
-# A batch holds 1 to MAX_POINTS points.
+# A batch holds 1 to MAX_POINTS points (an Ingest batch of data gaps only, none).
 _BATCH_POINT_BUCKETS = (1, 10, 50, 100, 250, 500, MAX_POINTS)
 
 
@@ -39,6 +39,24 @@ class GatewayMetrics:
             PREFIX + "points",
             "Data points of stored batches, by outcome: accepted, rejected or duplicate",
             ["tenant", "outcome"],
+            registry=self.registry,
+        )
+        self.historical_batches = Counter(
+            PREFIX + "historical_batches",
+            "Ingest batches replayed from an agent's backlog (a subset of requests), by outcome",
+            ["tenant", "outcome"],
+            registry=self.registry,
+        )
+        self.historical_points = Counter(
+            PREFIX + "historical_points",
+            "Data points of stored backlog batches (a subset of points), by outcome",
+            ["tenant", "outcome"],
+            registry=self.registry,
+        )
+        self.data_gaps = Counter(
+            PREFIX + "data_gaps",
+            "Data gaps (records of points an agent lost) recorded, once per committed batch",
+            ["tenant"],
             registry=self.registry,
         )
         self.refusals = Counter(
@@ -77,6 +95,8 @@ class GatewayMetrics:
         if event.tenant_id is None:
             return  # refused before authentication: no tenant to label it with
         self.requests.labels(tenant=event.tenant_id, rpc=event.action, outcome=event.outcome).inc()
+        if event.historical:
+            self.historical_batches.labels(tenant=event.tenant_id, outcome=event.outcome).inc()
         if event.outcome == "refused":
             return
         for outcome, count in (
@@ -86,3 +106,9 @@ class GatewayMetrics:
         ):
             if count:
                 self.points.labels(tenant=event.tenant_id, outcome=outcome).inc(count)
+                if event.historical:
+                    self.historical_points.labels(tenant=event.tenant_id, outcome=outcome).inc(
+                        count
+                    )
+        if event.gap_count:
+            self.data_gaps.labels(tenant=event.tenant_id).inc(event.gap_count)

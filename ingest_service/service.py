@@ -6,7 +6,10 @@ handlers receive the request as raw bytes: the limits stage sees the message siz
 anything is parsed, and a message that does not parse is a clear INVALID_ARGUMENT instead of
 grpc's generic deserialisation error.
 
-``Ingest`` commits each batch of the stream as it arrives. When a batch is refused, the stream
+``Ingest`` commits each batch of the stream as it arrives, with the data gaps it carries (the
+agent's records of points it lost). A batch marked ``historical`` (replayed from the agent's
+backlog) is stored like any other but never touches the latest-value cache: its points are
+older than what the agent sends live. When a batch is refused, the stream
 ends with that batch's error (its ``batch_index`` in the stream and, once parsed, its
 ``batch_sequence`` in ``ErrorInfo.metadata``); the batches before
 it stay committed, and a resend of them is answered as duplicates.
@@ -136,7 +139,9 @@ class IngestPipeline:
             event = _call_event("Ingest", principal, context, ingestion_id)
             try:
                 await self._storage.check_provisioned(principal.tenant_id)
-                await self._limiter.admit(principal.tenant_id, len(raw))
+                await self._limiter.admit(
+                    principal.tenant_id, len(raw), new_call=index == 1
+                )
                 batch = _parse(ingest_pb2.IngestRequest, raw)
                 event = _with_batch(event, batch)
                 _check_batch_identity(batch)
@@ -147,6 +152,8 @@ class IngestPipeline:
                     ingestion_id,
                     agent_id=batch.agent_id,
                     batch_sequence=batch.batch_sequence,
+                    gaps=batch.data_gaps,
+                    historical=batch.historical,
                 )
             except GatewayError as error:
                 # Which batch of the stream failed: its position always (it may be refused before
@@ -165,6 +172,7 @@ class IngestPipeline:
                     duplicate_batch=outcome.duplicate_batch,
                     rejections=outcome.rejections,
                     ingestion_id=ingestion_id,
+                    gap_count=outcome.gaps,
                 )
             )
             response.accepted_count += outcome.accepted
@@ -180,15 +188,21 @@ class IngestPipeline:
         ingestion_id: str,
         agent_id: str | None = None,
         batch_sequence: int | None = None,
+        gaps: Any = None,
+        historical: bool = False,
     ) -> _Outcome:
+        """``gaps`` and ``historical`` come with Ingest batches; IngestRealtime has neither."""
         match_tenant(principal.tenant_id, body_tenant)
-        validated = self._validator.validate(points)
+        validated = self._validator.validate(points, gaps=gaps)
         self._metrics.batch_points.observe(len(points))
         with self._metrics.storage_seconds.time():
             stored = await self._storage.store_batch(
                 principal.tenant_id, validated, ingestion_id, agent_id, batch_sequence
             )
-        if self._cache is not None and not stored.duplicate_batch:
+        # A backlog batch's points are older than what the agent sends live. The cache keeps
+        # only newer timestamps, but after an outage its keys may have expired, and old points
+        # would pass for the latest values: they are not offered to it at all.
+        if self._cache is not None and not stored.duplicate_batch and not historical:
             await self._cache.update(principal.tenant_id, validated.accepted)
         rejections = [
             ingest_pb2.Rejection(index=q.index, field=q.field, reason=q.reason)
@@ -216,13 +230,14 @@ class IngestPipeline:
 class _Outcome:
     """A stored batch's counts plus the rejections to report."""
 
-    __slots__ = ("accepted", "duplicate", "duplicate_batch", "rejected", "rejections")
+    __slots__ = ("accepted", "duplicate", "duplicate_batch", "gaps", "rejected", "rejections")
 
     def __init__(self, stored: BatchOutcome, rejections: list[ingest_pb2.Rejection]) -> None:
         self.accepted = stored.accepted
         self.rejected = stored.rejected
         self.duplicate = stored.duplicate
         self.duplicate_batch = stored.duplicate_batch
+        self.gaps = stored.gaps
         self.rejections = rejections
 
 
@@ -266,7 +281,10 @@ def _call_event(
 
 def _with_batch(event: AuditEvent, batch: ingest_pb2.IngestRequest) -> AuditEvent:
     return replace(
-        event, agent_id=batch.agent_id[:MAX_AGENT_ID], batch_sequence=batch.batch_sequence
+        event,
+        agent_id=batch.agent_id[:MAX_AGENT_ID],
+        batch_sequence=batch.batch_sequence,
+        historical=batch.historical,
     )
 
 
@@ -283,4 +301,5 @@ def _audited(event: AuditEvent, outcome: _Outcome) -> AuditEvent:
         accepted_count=outcome.accepted,
         rejected_count=outcome.rejected,
         duplicate_count=outcome.duplicate,
+        gap_count=outcome.gaps,
     )

@@ -9,7 +9,9 @@ Each batch is one transaction:
 3. one ``INSERT … SELECT … ON CONFLICT DO NOTHING`` moves them into
    ``<tenant>_streams.real_time_parameters``: a point whose (well_id, parameter_name, ts) is
    already stored is skipped and counted as a duplicate, whichever path it came by;
-4. refused points go to the tenant's quarantine, and the ledger row gets the batch's counts.
+4. refused points go to the tenant's quarantine, the batch's data gaps (points its agent lost)
+   to ``data_gaps``, and the ledger row gets the batch's counts. A duplicate batch stops at 1,
+   so its gaps, like its points, are never recorded twice.
 
 Tenant ids are checked against a strict pattern and then still never pasted into SQL text:
 schema names are quoted by Postgres' own ``quote_ident`` and every value is a bind parameter.
@@ -28,7 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -46,6 +48,7 @@ from ingest_service.crypto import (
     KeyringError,
     SealedValue,
     TenantKeyring,
+    gap_identity,
     pack_value,
     quarantine_identity,
     row_identity,
@@ -53,13 +56,14 @@ from ingest_service.crypto import (
 from ingest_service.errors import StorageUnavailable, UnknownTenant
 from ingest_service.keystore import Keystore
 from ingest_service.tenancy import check_tenant_id
-from ingest_service.validation import QuarantinedPoint, StoredPoint, ValidatedBatch
+from ingest_service.validation import GapRecord, QuarantinedPoint, StoredPoint, ValidatedBatch
 
 __all__ = [
     "STAGING_COLUMNS",
     "BatchOutcome",
     "DatabaseUnreachable",
     "Storage",
+    "StoredGap",
     "describe_url",
     "prepare_connection",
 ]
@@ -74,6 +78,7 @@ _MIGRATIONS = (
     "003_tenant_keys.sql",
     "004_oauth_clients.sql",
     "005_row_security.sql",
+    "006_batch_lanes_and_gaps.sql",
 )
 # Batch writes run as this role (005_row_security.sql), so row-level security applies to them,
 # for the one tenant named (a bind parameter) for the rest of the transaction.
@@ -111,6 +116,23 @@ class BatchOutcome:
     rejected: int
     duplicate: int
     duplicate_batch: bool = False
+    gaps: int = 0
+
+
+class StoredGap(NamedTuple):
+    """A recorded data gap as the operator's ``gaps`` command reads it back, source decrypted."""
+
+    well_id: str
+    parameter_name: str
+    first_timestamp: datetime
+    last_timestamp: datetime
+    point_count: int
+    reason: str
+    source: str
+    agent_id: str
+    batch_sequence: int
+    ingestion_id: str
+    received_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +143,7 @@ class _TenantTables:
     points: str
     ledger: str
     quarantine: str
+    gaps: str
 
 
 def describe_url(url: str) -> str:
@@ -333,6 +356,48 @@ class Storage:
                     original_unit=secret.original_unit,
                 )
 
+    async def read_gaps(
+        self,
+        tenant_id: str,
+        well_id: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> AsyncIterator[StoredGap]:
+        """The tenant's recorded data gaps, newest first (by the time of their last lost point),
+        at most ``limit``; ``since`` keeps the gaps that end at or after it. The operator's read
+        (``welltegra-ingest gaps``); no RPC reaches this."""
+        async with self._connection() as conn, conn.transaction():
+            tables = await self._tenant(conn, tenant_id)
+            keyring = await self.keys.keyring(conn, tenant_id)
+            await conn.execute("SELECT set_config('app.current_tenant', $1, true)", tenant_id)
+            cursor = conn.cursor(
+                "SELECT well_id, parameter_name, first_timestamp, last_timestamp, point_count,"
+                " reason, key_version, sealed_source, agent_id, batch_sequence, ingestion_id,"
+                f" gap_index, received_at FROM {tables.gaps}"
+                " WHERE ($1::text IS NULL OR well_id = $1)"
+                " AND ($2::timestamptz IS NULL OR last_timestamp >= $2)"
+                " ORDER BY last_timestamp DESC, id DESC LIMIT $3",
+                well_id,
+                since,
+                limit,
+            )
+            async for row in cursor:
+                identity = gap_identity(tenant_id, row["ingestion_id"], row["gap_index"])
+                source = keyring.open(row["key_version"], row["sealed_source"], identity)
+                yield StoredGap(
+                    well_id=row["well_id"],
+                    parameter_name=row["parameter_name"],
+                    first_timestamp=_aware(row["first_timestamp"]),
+                    last_timestamp=_aware(row["last_timestamp"]),
+                    point_count=row["point_count"],
+                    reason=row["reason"],
+                    source=source.decode(),
+                    agent_id=row["agent_id"],
+                    batch_sequence=row["batch_sequence"],
+                    ingestion_id=row["ingestion_id"],
+                    received_at=row["received_at"],
+                )
+
     async def limit_overrides(self, tenant_id: str) -> dict[str, int]:
         """The tenant's own limits (only those set), by column name. Bounded in time: it runs
         on every call's path (cached), and a hung database must not hold the call here."""
@@ -400,6 +465,7 @@ class Storage:
             points=f"{schema}.real_time_parameters",
             ledger=f"{schema}.batch_ledger",
             quarantine=f"{schema}.quarantine",
+            gaps=f"{schema}.data_gaps",
         )
         self._tenants[tenant_id] = tables
         return tables
@@ -559,6 +625,10 @@ class Storage:
         # Sealed before the transaction opens, so it is held only for the writes.
         records = _seal_points(keyring, tenant_id, batch.accepted)
         quarantined = [_seal_rejection(keyring, tenant_id, ingestion_id, q) for q in batch.rejected]
+        gaps = [
+            _seal_gap(keyring, tenant_id, ingestion_id, agent_id, batch_sequence, g)
+            for g in batch.gaps
+        ]
         async with conn.transaction():
             # Row-level security's fence for this transaction: the writer role, this tenant.
             await conn.execute(TENANT_FENCE, tenant_id)
@@ -587,20 +657,25 @@ class Storage:
             )
             if quarantined:
                 await self._quarantine(conn, tables, quarantined)
+            if gaps:
+                await self._record_gaps(conn, tables, gaps)
             outcome = BatchOutcome(
                 accepted=accepted,
                 rejected=len(batch.rejected),
                 duplicate=len(batch.accepted) - accepted,
+                gaps=len(gaps),
             )
             if ledgered:
                 await conn.execute(
                     f"UPDATE {tables.ledger} SET accepted_count = $3, rejected_count = $4,"
-                    " duplicate_count = $5 WHERE agent_id = $1 AND batch_sequence = $2",
+                    " duplicate_count = $5, gap_count = $6"
+                    " WHERE agent_id = $1 AND batch_sequence = $2",
                     agent_id,
                     batch_sequence,
                     outcome.accepted,
                     outcome.rejected,
                     outcome.duplicate,
+                    outcome.gaps,
                 )
             return outcome
 
@@ -642,6 +717,23 @@ class Storage:
             rows,
         )
 
+    async def _record_gaps(
+        self, conn: asyncpg.Connection, tables: _TenantTables, rows: list[tuple[Any, ...]]
+    ) -> None:
+        await conn.executemany(
+            f"INSERT INTO {tables.gaps} (tenant_id, agent_id, batch_sequence, ingestion_id,"
+            " gap_index, well_id, parameter_name, first_timestamp, last_timestamp, point_count,"
+            " reason, key_version, sealed_source)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            rows,
+        )
+
+
+def _aware(moment: datetime) -> datetime:
+    """asyncpg stores Python's first and last instants (0001-01-01, 9999-12-31T23:59:59.999999)
+    as -infinity and infinity, and reads those back without a time zone: give it back."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
 
 def _seal_points(
     keyring: TenantKeyring, tenant_id: str, points: list[StoredPoint]
@@ -681,4 +773,33 @@ def _seal_rejection(
         keyring.version,
         keyring.seal(secret.encode(), identity),
         keyring.seal(q.reason.encode(), identity + b"\x1freason"),
+    )
+
+
+def _seal_gap(
+    keyring: TenantKeyring,
+    tenant_id: str,
+    ingestion_id: str,
+    agent_id: str | None,
+    batch_sequence: int | None,
+    gap: GapRecord,
+) -> tuple[Any, ...]:
+    """A data_gaps row: what was lost in clear, the source sealed as a stored point's is."""
+    if agent_id is None or batch_sequence is None:
+        # The contract carries gaps only in Ingest batches, which always have both.
+        raise ValueError("data gaps belong to an Ingest batch, with its agent and sequence")
+    return (
+        tenant_id,
+        agent_id,
+        batch_sequence,
+        ingestion_id,
+        gap.index,
+        gap.well_id,
+        gap.parameter_name,
+        gap.first_timestamp,
+        gap.last_timestamp,
+        gap.point_count,
+        gap.reason,
+        keyring.version,
+        keyring.seal(gap.source.encode(), gap_identity(tenant_id, ingestion_id, gap.index)),
     )

@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS {schema}.batch_ledger (
     accepted_count  integer NOT NULL DEFAULT 0,
     rejected_count  integer NOT NULL DEFAULT 0,
     duplicate_count integer NOT NULL DEFAULT 0,
+    gap_count       integer NOT NULL DEFAULT 0,
     committed_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (agent_id, batch_sequence)
 );
@@ -53,6 +54,33 @@ CREATE TABLE IF NOT EXISTS {schema}.quarantine (
     received_at    timestamptz NOT NULL DEFAULT now()
 );
 
+-- Points an agent lost before it could send them (its buffer's size cap or retention, or a
+-- batch the gateway refused and the agent set aside), as the agent recorded them. Written in the
+-- transaction of the batch that carried them, after its ledger row: a resent batch is a
+-- duplicate and records nothing, and (agent_id, batch_sequence, gap_index) is unique besides.
+-- Like the quarantine's, the identifying columns are in clear and the source is sealed.
+CREATE TABLE IF NOT EXISTS {schema}.data_gaps (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id       text NOT NULL DEFAULT {tenant_literal},
+    agent_id        text NOT NULL,
+    batch_sequence  bigint NOT NULL,
+    ingestion_id    text NOT NULL,
+    gap_index       integer NOT NULL,
+    well_id         text NOT NULL,
+    parameter_name  text NOT NULL,
+    first_timestamp timestamptz NOT NULL,
+    last_timestamp  timestamptz NOT NULL CHECK (last_timestamp >= first_timestamp),
+    point_count     bigint NOT NULL CHECK (point_count >= 1),
+    reason          text NOT NULL,
+    -- The source system, sealed with the tenant's data key of key_version (AES-256-GCM; the
+    -- tenant, ingestion id and gap_index are the associated data).
+    key_version     integer NOT NULL,
+    sealed_source   bytea NOT NULL,
+    received_at     timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (agent_id, batch_sequence, gap_index)
+);
+CREATE INDEX IF NOT EXISTS data_gaps_by_time ON {schema}.data_gaps (last_timestamp);
+
 -- Row-level security, the second fence behind the per-tenant schema: the gateway writes as
 -- welltegra_writer with app.current_tenant set for the transaction (set_config(..., true), a
 -- bind parameter), and sees or writes only rows of that tenant. FORCE applies it to the
@@ -62,20 +90,25 @@ ALTER TABLE {schema}.batch_ledger
     ADD COLUMN IF NOT EXISTS tenant_id text NOT NULL DEFAULT {tenant_literal};
 ALTER TABLE {schema}.quarantine
     ADD COLUMN IF NOT EXISTS tenant_id text NOT NULL DEFAULT {tenant_literal};
+-- Ledgers made before data gaps had no gap count.
+ALTER TABLE {schema}.batch_ledger ADD COLUMN IF NOT EXISTS gap_count integer NOT NULL DEFAULT 0;
 GRANT USAGE ON SCHEMA {schema} TO welltegra_writer;
 GRANT SELECT, INSERT, UPDATE ON {schema}.real_time_parameters, {schema}.batch_ledger,
-    {schema}.quarantine TO welltegra_writer;
+    {schema}.quarantine, {schema}.data_gaps TO welltegra_writer;
 ALTER TABLE {schema}.real_time_parameters ENABLE ROW LEVEL SECURITY;
 ALTER TABLE {schema}.real_time_parameters FORCE ROW LEVEL SECURITY;
 ALTER TABLE {schema}.batch_ledger ENABLE ROW LEVEL SECURITY;
 ALTER TABLE {schema}.batch_ledger FORCE ROW LEVEL SECURITY;
 ALTER TABLE {schema}.quarantine ENABLE ROW LEVEL SECURITY;
 ALTER TABLE {schema}.quarantine FORCE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.data_gaps ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.data_gaps FORCE ROW LEVEL SECURITY;
 DO $$
 DECLARE
     target text;
 BEGIN
-    FOREACH target IN ARRAY ARRAY['real_time_parameters', 'batch_ledger', 'quarantine'] LOOP
+    FOREACH target IN ARRAY ARRAY['real_time_parameters', 'batch_ledger', 'quarantine', 'data_gaps']
+    LOOP
         IF NOT EXISTS (
             SELECT FROM pg_policies
             WHERE schemaname = {schema_literal} AND tablename = target

@@ -77,29 +77,56 @@ async def test_request_rate_burst_refusal_and_honoured_retry(
     assert await stored_count(db, tenant) == 31
 
 
-async def test_each_batch_of_a_stream_counts(
+def ten_batches(first: int = 1) -> AsyncIterator[ingest_pb2.IngestRequest]:
+    async def batches() -> AsyncIterator[ingest_pb2.IngestRequest]:
+        for seq in range(first, first + 10):
+            yield ingest_pb2.IngestRequest(
+                agent_id="a", batch_sequence=seq, data_points=[point(seq)]
+            )
+
+    return batches()
+
+
+def refused_batch(error: grpc.aio.AioRpcError) -> tuple[str, str]:
+    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+    info = error_details_pb2.ErrorInfo()
+    status_pb2.Status.FromString(raw).details[0].Unpack(info)
+    return info.reason, info.metadata["batch_index"]
+
+
+async def test_a_stream_is_one_request_and_each_batch_counts_its_bytes(
     stub: ingest_pb2_grpc.IngestServiceStub,
     gateway: Gateway,
     tenant: str,
     make_token: TokenFactory,
     db: asyncpg.Connection,
 ) -> None:
-    await gateway.storage.set_limit_overrides(tenant, {"requests_per_minute": 5})
-
-    async def ten_batches() -> AsyncIterator[ingest_pb2.IngestRequest]:
-        for seq in range(1, 11):
-            yield ingest_pb2.IngestRequest(
-                agent_id="a", batch_sequence=seq, data_points=[point(seq)]
-            )
-
+    await gateway.storage.set_limit_overrides(tenant, {"requests_per_minute": 2})
+    token = make_token(tenant)
+    # An agent's live stream carries a batch every linger: all ten pass as one request.
+    for first in (1, 11):
+        await stub.Ingest(ten_batches(first), metadata=auth(token))
+    assert await stored_count(db, tenant) == 20
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stub.Ingest(ten_batches(), metadata=auth(make_token(tenant)))
-    assert rich_status(refused.value)[0] == "rate_limit_exceeded"
-    raw = dict(refused.value.trailing_metadata() or ()).get("grpc-status-details-bin")
-    info = error_details_pb2.ErrorInfo()
-    status_pb2.Status.FromString(raw).details[0].Unpack(info)
-    assert info.metadata["batch_index"] == "6"  # refused before it was even parsed
-    assert await stored_count(db, tenant) == 5
+        await stub.Ingest(ten_batches(21), metadata=auth(token))
+    assert refused_batch(refused.value) == ("rate_limit_exceeded", "1")
+
+    # The daily volume is charged batch by batch, inside the stream.
+    other = f"{tenant}_v"
+    await gateway.storage.create_tenant(other)
+    try:
+        size = ingest_pb2.IngestRequest(
+            agent_id="a", batch_sequence=1, data_points=[point(1)]
+        ).ByteSize()
+        await gateway.storage.set_limit_overrides(other, {"bytes_per_day": size * 5 + size // 2})
+        with pytest.raises(grpc.aio.AioRpcError) as over:
+            await stub.Ingest(ten_batches(), metadata=auth(make_token(other)))
+        assert refused_batch(over.value) == ("daily_volume_exceeded", "6")
+        assert await stored_count(db, other) == 5
+    finally:
+        await gateway.audit.flush()
+        await gateway.storage.drop_tenant(other)
+        await db.execute("DELETE FROM system_monitoring.audit_log WHERE tenant_id = $1", other)
 
 
 async def test_message_size_is_refused_before_parsing(

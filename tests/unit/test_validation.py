@@ -146,3 +146,25 @@ def test_points_older_than_the_horizon_are_refused() -> None:
     assert len(result.accepted) == 1
     assert result.rejected[0].field == "data_points[0].timestamp"
     assert "older than the accepted 30 days" in result.rejected[0].reason
+
+
+def test_only_a_batch_with_gaps_may_hold_no_points(validator: Validator) -> None:
+    gap = ingest_pb2.DataGap(
+        well_id="WELL_001", parameter_name="not_in_registry", point_count=3, reason="retention"
+    )
+    gap.first_timestamp.FromDatetime(NOW - timedelta(days=8))
+    gap.last_timestamp.FromDatetime(NOW - timedelta(days=7))
+    result = validator.validate([], now=NOW, gaps=[gap])
+    assert (result.accepted, result.rejected) == ([], [])
+    [record] = result.gaps
+    assert (record.index, record.parameter_name, record.point_count) == (0, "not_in_registry", 3)
+    assert record.last_timestamp == NOW - timedelta(days=7)
+    for gaps, message in (
+        (None, "must hold 1 to 1000 points, not 0"),  # IngestRealtime: no gaps in its message
+        ([], "must hold 1 to 1000 points, not 0 unless the batch carries data_gaps"),
+    ):
+        with pytest.raises(InvalidRequest) as refused:
+            validator.validate([], now=NOW, gaps=gaps)
+        assert [(v.field, v.description) for v in refused.value.violations] == [
+            ("data_points", message)
+        ]

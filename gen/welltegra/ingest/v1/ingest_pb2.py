@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n welltegra/ingest/v1/ingest.proto\x12\x13welltegra.ingest.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x01\n\tDataPoint\x12\x0f\n\x07well_id\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eparameter_name\x18\x03 \x01(\t\x12\x12\n\x05value\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x14\n\x0cquality_code\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\tB\x08\n\x06_value\"\x81\x01\n\rIngestRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61tch_sequence\x18\x03 \x01(\x03\x12\x33\n\x0b\x64\x61ta_points\x18\x04 \x03(\x0b\x32\x1e.welltegra.ingest.v1.DataPoint\"9\n\tRejection\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xd1\x01\n\x0b\x42\x61tchResult\x12\x16\n\x0e\x62\x61tch_sequence\x18\x01 \x01(\x03\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x16\n\x0erejected_count\x18\x03 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\x05\x12\x32\n\nrejections\x18\x05 \x03(\x0b\x32\x1e.welltegra.ingest.v1.Rejection\x12\x17\n\x0f\x64uplicate_batch\x18\x06 \x01(\x08\x12\x14\n\x0cingestion_id\x18\x07 \x01(\t\"\x8c\x01\n\x0eIngestResponse\x12\x31\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32 .welltegra.ingest.v1.BatchResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x16\n\x0erejected_count\x18\x03 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\x05\"\x98\x01\n\x15IngestRealtimeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x33\n\x0b\x64\x61ta_points\x18\x02 \x03(\x0b\x32\x1e.welltegra.ingest.v1.DataPoint\x12\x37\n\x13ingestion_timestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfb\x01\n\x16IngestRealtimeResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x14\n\x0cingestion_id\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x05 \x01(\x05\x12\x16\n\x0erejected_count\x18\x06 \x01(\x05\x12\x1a\n\x12processing_time_ms\x18\x07 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x08 \x01(\x05\x12\x32\n\nrejections\x18\t \x03(\x0b\x32\x1e.welltegra.ingest.v1.Rejection2\xf0\x01\n\rIngestService\x12S\n\x06Ingest\x12\".welltegra.ingest.v1.IngestRequest\x1a#.welltegra.ingest.v1.IngestResponse(\x01\x12\x89\x01\n\x0eIngestRealtime\x12*.welltegra.ingest.v1.IngestRealtimeRequest\x1a+.welltegra.ingest.v1.IngestRealtimeResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/ingest/realtime:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n welltegra/ingest/v1/ingest.proto\x12\x13welltegra.ingest.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x01\n\tDataPoint\x12\x0f\n\x07well_id\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eparameter_name\x18\x03 \x01(\t\x12\x12\n\x05value\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x14\n\x0cquality_code\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\tB\x08\n\x06_value\"\xc6\x01\n\rIngestRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61tch_sequence\x18\x03 \x01(\x03\x12\x33\n\x0b\x64\x61ta_points\x18\x04 \x03(\x0b\x32\x1e.welltegra.ingest.v1.DataPoint\x12\x12\n\nhistorical\x18\x05 \x01(\x08\x12/\n\tdata_gaps\x18\x06 \x03(\x0b\x32\x1c.welltegra.ingest.v1.DataGap\"\xd0\x01\n\x07\x44\x61taGap\x12\x0f\n\x07well_id\x18\x01 \x01(\t\x12\x16\n\x0eparameter_name\x18\x02 \x01(\t\x12\x33\n\x0f\x66irst_timestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_timestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bpoint_count\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\"9\n\tRejection\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xe4\x01\n\x0b\x42\x61tchResult\x12\x16\n\x0e\x62\x61tch_sequence\x18\x01 \x01(\x03\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x16\n\x0erejected_count\x18\x03 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\x05\x12\x32\n\nrejections\x18\x05 \x03(\x0b\x32\x1e.welltegra.ingest.v1.Rejection\x12\x17\n\x0f\x64uplicate_batch\x18\x06 \x01(\x08\x12\x14\n\x0cingestion_id\x18\x07 \x01(\t\x12\x11\n\tgap_count\x18\x08 \x01(\x05\"\x8c\x01\n\x0eIngestResponse\x12\x31\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32 .welltegra.ingest.v1.BatchResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x16\n\x0erejected_count\x18\x03 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\x05\"\x98\x01\n\x15IngestRealtimeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x33\n\x0b\x64\x61ta_points\x18\x02 \x03(\x0b\x32\x1e.welltegra.ingest.v1.DataPoint\x12\x37\n\x13ingestion_timestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfb\x01\n\x16IngestRealtimeResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x14\n\x0cingestion_id\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x05 \x01(\x05\x12\x16\n\x0erejected_count\x18\x06 \x01(\x05\x12\x1a\n\x12processing_time_ms\x18\x07 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x08 \x01(\x05\x12\x32\n\nrejections\x18\t \x03(\x0b\x32\x1e.welltegra.ingest.v1.Rejection2\xf0\x01\n\rIngestService\x12S\n\x06Ingest\x12\".welltegra.ingest.v1.IngestRequest\x1a#.welltegra.ingest.v1.IngestResponse(\x01\x12\x89\x01\n\x0eIngestRealtime\x12*.welltegra.ingest.v1.IngestRealtimeRequest\x1a+.welltegra.ingest.v1.IngestRealtimeResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/ingest/realtime:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,17 +38,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATAPOINT']._serialized_start=121
   _globals['_DATAPOINT']._serialized_end=302
   _globals['_INGESTREQUEST']._serialized_start=305
-  _globals['_INGESTREQUEST']._serialized_end=434
-  _globals['_REJECTION']._serialized_start=436
-  _globals['_REJECTION']._serialized_end=493
-  _globals['_BATCHRESULT']._serialized_start=496
-  _globals['_BATCHRESULT']._serialized_end=705
-  _globals['_INGESTRESPONSE']._serialized_start=708
-  _globals['_INGESTRESPONSE']._serialized_end=848
-  _globals['_INGESTREALTIMEREQUEST']._serialized_start=851
-  _globals['_INGESTREALTIMEREQUEST']._serialized_end=1003
-  _globals['_INGESTREALTIMERESPONSE']._serialized_start=1006
-  _globals['_INGESTREALTIMERESPONSE']._serialized_end=1257
-  _globals['_INGESTSERVICE']._serialized_start=1260
-  _globals['_INGESTSERVICE']._serialized_end=1500
+  _globals['_INGESTREQUEST']._serialized_end=503
+  _globals['_DATAGAP']._serialized_start=506
+  _globals['_DATAGAP']._serialized_end=714
+  _globals['_REJECTION']._serialized_start=716
+  _globals['_REJECTION']._serialized_end=773
+  _globals['_BATCHRESULT']._serialized_start=776
+  _globals['_BATCHRESULT']._serialized_end=1004
+  _globals['_INGESTRESPONSE']._serialized_start=1007
+  _globals['_INGESTRESPONSE']._serialized_end=1147
+  _globals['_INGESTREALTIMEREQUEST']._serialized_start=1150
+  _globals['_INGESTREALTIMEREQUEST']._serialized_end=1302
+  _globals['_INGESTREALTIMERESPONSE']._serialized_start=1305
+  _globals['_INGESTREALTIMERESPONSE']._serialized_end=1556
+  _globals['_INGESTSERVICE']._serialized_start=1559
+  _globals['_INGESTSERVICE']._serialized_end=1799
 # @@protoc_insertion_point(module_scope)

@@ -29,16 +29,38 @@ class DataPoint(_message.Message):
     def __init__(self, well_id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., parameter_name: _Optional[str] = ..., value: _Optional[float] = ..., unit: _Optional[str] = ..., quality_code: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
-    __slots__ = ("tenant_id", "agent_id", "batch_sequence", "data_points")
+    __slots__ = ("tenant_id", "agent_id", "batch_sequence", "data_points", "historical", "data_gaps")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DATA_POINTS_FIELD_NUMBER: _ClassVar[int]
+    HISTORICAL_FIELD_NUMBER: _ClassVar[int]
+    DATA_GAPS_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     agent_id: str
     batch_sequence: int
     data_points: _containers.RepeatedCompositeFieldContainer[DataPoint]
-    def __init__(self, tenant_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., batch_sequence: _Optional[int] = ..., data_points: _Optional[_Iterable[_Union[DataPoint, _Mapping]]] = ...) -> None: ...
+    historical: bool
+    data_gaps: _containers.RepeatedCompositeFieldContainer[DataGap]
+    def __init__(self, tenant_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., batch_sequence: _Optional[int] = ..., data_points: _Optional[_Iterable[_Union[DataPoint, _Mapping]]] = ..., historical: _Optional[bool] = ..., data_gaps: _Optional[_Iterable[_Union[DataGap, _Mapping]]] = ...) -> None: ...
+
+class DataGap(_message.Message):
+    __slots__ = ("well_id", "parameter_name", "first_timestamp", "last_timestamp", "point_count", "reason", "source")
+    WELL_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_NAME_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    LAST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    POINT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    well_id: str
+    parameter_name: str
+    first_timestamp: _timestamp_pb2.Timestamp
+    last_timestamp: _timestamp_pb2.Timestamp
+    point_count: int
+    reason: str
+    source: str
+    def __init__(self, well_id: _Optional[str] = ..., parameter_name: _Optional[str] = ..., first_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., point_count: _Optional[int] = ..., reason: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("index", "field", "reason")
@@ -51,7 +73,7 @@ class Rejection(_message.Message):
     def __init__(self, index: _Optional[int] = ..., field: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class BatchResult(_message.Message):
-    __slots__ = ("batch_sequence", "accepted_count", "rejected_count", "duplicate_count", "rejections", "duplicate_batch", "ingestion_id")
+    __slots__ = ("batch_sequence", "accepted_count", "rejected_count", "duplicate_count", "rejections", "duplicate_batch", "ingestion_id", "gap_count")
     BATCH_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_COUNT_FIELD_NUMBER: _ClassVar[int]
     REJECTED_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +81,7 @@ class BatchResult(_message.Message):
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_BATCH_FIELD_NUMBER: _ClassVar[int]
     INGESTION_ID_FIELD_NUMBER: _ClassVar[int]
+    GAP_COUNT_FIELD_NUMBER: _ClassVar[int]
     batch_sequence: int
     accepted_count: int
     rejected_count: int
@@ -66,7 +89,8 @@ class BatchResult(_message.Message):
     rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
     duplicate_batch: bool
     ingestion_id: str
-    def __init__(self, batch_sequence: _Optional[int] = ..., accepted_count: _Optional[int] = ..., rejected_count: _Optional[int] = ..., duplicate_count: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., duplicate_batch: _Optional[bool] = ..., ingestion_id: _Optional[str] = ...) -> None: ...
+    gap_count: int
+    def __init__(self, batch_sequence: _Optional[int] = ..., accepted_count: _Optional[int] = ..., rejected_count: _Optional[int] = ..., duplicate_count: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., duplicate_batch: _Optional[bool] = ..., ingestion_id: _Optional[str] = ..., gap_count: _Optional[int] = ...) -> None: ...
 
 class IngestResponse(_message.Message):
     __slots__ = ("batches", "accepted_count", "rejected_count", "duplicate_count")
