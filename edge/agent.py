@@ -44,9 +44,6 @@ class SourceSink:
         self._transform = transform
         self._buffer = buffer
         self._metrics = metrics
-        self._collected = metrics.points_collected.labels(
-            source=source, tenant_id=metrics.tenant_id
-        )
 
     async def emit(
         self, readings: Sequence[Reading], watermarks: Mapping[str, str] | None = None
@@ -57,7 +54,6 @@ class SourceSink:
         if result.out_of_range:
             self._metrics.points_out_of_range.labels(source=self._source).inc(result.out_of_range)
         await self._buffer.append(self._source, result.points, watermarks)
-        self._collected.inc(len(result.points))
 
     async def watermark(self, key: str) -> str | None:
         return await self._buffer.watermark(self._source, key)
@@ -130,6 +126,7 @@ class Agent:
     async def start(self) -> None:
         config = self.config
         self.buffer = await open_buffer(config)
+        self.buffer.on_sealed = self._count_collected
         log.info(
             "agent %s of tenant %s: buffer %s", self.buffer.agent_id, config.tenant.id,
             config.buffer.database_path,
@@ -181,6 +178,13 @@ class Agent:
             self.metrics.stop()
         if self.buffer is not None:
             await self.buffer.close()
+
+    def _count_collected(self, by_source: Mapping[str, int]) -> None:
+        """Points count as collected once they are sealed in the buffer."""
+        for source, count in by_source.items():
+            self.metrics.points_collected.labels(
+                source=source, tenant_id=self.metrics.tenant_id
+            ).inc(count)
 
     async def readiness(self) -> Readiness:
         """Ready when the buffer is writable and uploads are not stale while data waits."""

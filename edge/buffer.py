@@ -35,7 +35,7 @@ import socket
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -158,6 +158,7 @@ class _OpenBatch:
 
     started: float
     points: list[ingest_pb2.DataPoint] = field(default_factory=list)
+    sources: dict[str, int] = field(default_factory=dict)  # points per source, for counting
     watermarks: dict[tuple[str, str], str] = field(default_factory=dict)
     sealed: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -215,6 +216,8 @@ class Buffer:
         self._seal_error_logged = False
         # Counters the agent turns into metrics: dropped points by reason, dead-lettered points.
         self.dropped: dict[str, int] = {"size_cap": 0, "retention": 0}
+        # Called with {source: points} each time a batch is committed: what "collected" counts.
+        self.on_sealed: Callable[[Mapping[str, int]], None] | None = None
         self.dead_lettered_points = 0
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -303,7 +306,9 @@ class Buffer:
         while True:
             batch = self._open_batch()
             room = self.batch_max_points - len(batch.points)
-            batch.points.extend(remaining[:room])
+            taken = remaining[:room]
+            batch.points.extend(taken)
+            batch.sources[source] = batch.sources.get(source, 0) + len(taken)
             remaining = remaining[room:]
             if not remaining and watermarks:
                 batch.watermarks.update({(source, k): v for k, v in watermarks.items()})
@@ -384,6 +389,8 @@ class Buffer:
             self._seal_error_logged = False
         if batch.points:
             self.sealed.set()
+            if self.on_sealed is not None:
+                self.on_sealed(batch.sources)
             if await self._used_bytes() > self.max_bytes:
                 await self._drop_for_cap()
 
