@@ -114,6 +114,10 @@ class Agent:
     def __init__(self, config: AgentConfig, *, serve_endpoints: bool = True) -> None:
         self.config = config
         self.metrics = AgentMetrics(config.tenant.id)
+        # Loss counters exist at 0 from the start, so an alert sees their first increase.
+        for reason in ("size_cap", "retention"):
+            self.metrics.points_dropped.labels(tenant_id=config.tenant.id, reason=reason)
+        self.metrics.points_dead_lettered.labels(tenant_id=config.tenant.id)
         self.buffer: Buffer | None = None
         self.uploader: Uploader | None = None
         self.health: HealthServer | None = None
