@@ -20,12 +20,13 @@ Errors are RFC 6749 §5.2 bodies, ``{"error": ..., "error_description": ...}``, 
                                   (one answer for all, in about the same time)
     unsupported_grant_type   400  a grant other than client_credentials
     invalid_scope            400  a scope the client was not given
-    temporarily_unavailable  503  the client register cannot be read
+    temporarily_unavailable  503  the client register cannot be read, or no answer in 10 s
+    server_error             500  the signing keys cannot be read
 
-HTTP/1.1 framing is h11's (a small, strict, sans-I/O parser: chunked bodies, keep-alive,
-request smuggling refused) on asyncio streams, so the issuer runs in the gateway's event loop
-and uses its database pool. Everything is bounded: body size, header size, connections, time
-per request, idle keep-alive time, and scrypt hashes computed at once.
+The HTTP/1.1 server is ``ingest_service.http11`` (h11 on asyncio streams), so the issuer runs
+in the gateway's event loop and uses its database pool. Everything is bounded: body size,
+header size, connections, time per request, idle keep-alive time, and scrypt hashes computed
+at once.
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import h11
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ingest_service.config import GatewayConfig
 from ingest_service.errors import UnknownTenant
+from ingest_service.http11 import HTTP11Server, ListenError, Request, Response, json_response
 from ingest_service.tenancy import check_tenant_id
 
 __all__ = [
@@ -379,13 +380,13 @@ def rotate_signing_key(data_dir: Path) -> str:
 # Requests ---------------------------------------------------------------------------------
 
 
-def _header(headers: dict[bytes, list[bytes]], name: bytes) -> str | None:
-    values = headers.get(name)
+def _header(request: Request, name: str) -> str | None:
+    values = [value for key, value in request.headers if key == name]
     if not values:
         return None
     if len(values) > 1:
-        raise OAuthError(400, "invalid_request", f"header {name.decode()} sent more than once")
-    return values[0].decode("latin-1")
+        raise OAuthError(400, "invalid_request", f"header {name} sent more than once")
+    return values[0]
 
 
 class _Repeated(ValueError):
@@ -472,22 +473,21 @@ def _credentials(authorization: str | None, parameters: dict[str, str]) -> tuple
     return client_id, urllib.parse.unquote_plus(raw_secret)
 
 
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    body: dict[str, Any]
-    headers: tuple[tuple[str, str], ...] = ()
-
-
 _NO_STORE: tuple[tuple[str, str], ...] = (("cache-control", "no-store"), ("pragma", "no-cache"))
 
 
-def _error(error: OAuthError) -> _Response:
+def _error(error: OAuthError) -> Response:
     headers = _NO_STORE
     if error.status == 401:
         headers += (("www-authenticate", _REALM),)
     body = {"error": error.error, "error_description": error.description}
-    return _Response(error.status, body, headers)
+    return json_response(error.status, body, headers)
+
+
+def _refusal(status: int, reason: str) -> Response:
+    """The answer to a request the HTTP server refuses itself, as an RFC 6749 error."""
+    error = {500: "server_error", 503: "temporarily_unavailable"}.get(status, "invalid_request")
+    return _error(OAuthError(status, error, reason))
 
 
 # The server -------------------------------------------------------------------------------
@@ -510,12 +510,27 @@ class DevIssuer:
         envoy_port = int(config.envoy.listen.rpartition(":")[2]) if config.envoy else 0
         self._envoy_port = envoy_port
         self.keys = SigningKeys(key_directory(config.data_dir))
-        self._server: asyncio.Server | None = None
         self._pool: asyncpg.Pool | None = None
         self._decoy_hash = ""
         self._hashing = asyncio.Semaphore(_HASHES_AT_ONCE)
-        self._connections: set[asyncio.Task[None]] = set()
-        self.port = 0
+        host, _, port = self._settings.listen.rpartition(":")
+        self._http = HTTP11Server(
+            host.strip("[]") or None,
+            int(port),
+            self._route,
+            max_connections=_MAX_CONNECTIONS,
+            read_timeout=_REQUEST_TIMEOUT_SECONDS,
+            idle_timeout=_IDLE_TIMEOUT_SECONDS,
+            handle_timeout=_REQUEST_TIMEOUT_SECONDS,
+            max_header_bytes=_MAX_HEADER_BYTES,
+            max_body_bytes=_MAX_BODY_BYTES,
+            refuse=_refusal,
+        )
+
+    @property
+    def port(self) -> int:
+        """The port: the configured one, or after ``bind`` the one listened on."""
+        return self._http.port
 
     # Addresses ------------------------------------------------------------------------------
 
@@ -571,23 +586,10 @@ class DevIssuer:
 
     async def bind(self) -> int:
         """Take the listen address (not serving yet); returns the port. Safe to call again."""
-        if self._server is None:
-            host, _, port = self._settings.listen.rpartition(":")
-            try:
-                self._server = await asyncio.start_server(
-                    self._connection,
-                    host.strip("[]") or None,
-                    int(port),
-                    limit=_MAX_HEADER_BYTES,
-                    start_serving=False,
-                )
-            except OSError as exc:
-                raise DevIssuerError(
-                    f"the development issuer cannot listen on {self._settings.listen}:"
-                    f" {exc.strerror or exc}"
-                ) from exc
-            self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
+        try:
+            return await self._http.bind()
+        except ListenError as exc:
+            raise DevIssuerError(f"the development issuer {exc}") from exc
 
     async def start(self, pool: asyncpg.Pool) -> int:
         """Load (or create) the signing key and serve; returns the port. The client table
@@ -597,140 +599,45 @@ class DevIssuer:
         # Unknown clients are checked against this, so they cost what a wrong secret costs.
         self._decoy_hash = await asyncio.to_thread(hash_secret, secrets.token_urlsafe(32))
         await self.bind()
-        assert self._server is not None
-        await self._server.start_serving()
+        await self._http.start()
         log.info("development OAuth issuer on %s, iss %s", self.base_url, self.issuer)
         return self.port
 
     async def stop(self) -> None:
         """Stop listening and close open connections. Safe to call at any time."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()
+        await self._http.stop()
 
     # HTTP -----------------------------------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            if len(self._connections) > _MAX_CONNECTIONS:
-                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\r\n")
-                await writer.drain()
-                return
-            await self._exchange_all(reader, writer)
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass  # the client went away or stalled: nothing to answer
-        except asyncio.CancelledError:
-            # stop() cancels open connections. Ending normally: Python 3.11's stream server
-            # logs every connection task that ends cancelled as an error.
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                await writer.wait_closed()
-
-    async def _exchange_all(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER_BYTES)
-        while True:
-            try:
-                async with asyncio.timeout(_IDLE_TIMEOUT_SECONDS):
-                    event = await _next_event(conn, reader)
-                if not isinstance(event, h11.Request):
-                    return  # closed by the client
-                async with asyncio.timeout(_REQUEST_TIMEOUT_SECONDS):
-                    body = await self._body(conn, reader, writer, event)
-                    response = await self._route(event, body)
-            except h11.RemoteProtocolError as exc:
-                response = _error(OAuthError(exc.error_status_hint, "invalid_request", str(exc)))
-            except OAuthError as exc:  # the body was too large
-                response = _error(exc)
-            if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-                return
-            keep_alive = conn.their_state is h11.DONE
-            await _send(conn, writer, response, keep_alive)
-            if not keep_alive:
-                await _discard_rest(reader, writer)
-                return
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:  # the client asked to close
-                return
-
-    async def _body(
-        self,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        request: h11.Request,
-    ) -> bytes:
-        too_large = OAuthError(
-            413, "invalid_request", f"the request body is larger than {_MAX_BODY_BYTES} bytes"
-        )
-        for name, value in request.headers:
-            # h11 has checked the value is a number and that it is the only framing header.
-            if name == b"content-length" and int(value) > _MAX_BODY_BYTES:
-                raise too_large
-        if conn.they_are_waiting_for_100_continue:
-            data = conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-            writer.write(data or b"")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            event = await _next_event(conn, reader)
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > _MAX_BODY_BYTES:
-                    raise too_large
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return b"".join(chunks)
-            else:
-                raise ConnectionError("the client closed the connection mid-request")
-
-    async def _route(self, request: h11.Request, body: bytes) -> _Response:
-        path = bytes(request.target).split(b"?", 1)[0]
-        method = bytes(request.method)
-        headers: dict[bytes, list[bytes]] = {}
-        for name, value in request.headers:
-            headers.setdefault(bytes(name), []).append(bytes(value))
-        if path == TOKEN_PATH.encode():
-            if method != b"POST":
+    async def _route(self, request: Request) -> Response:
+        path, method = request.path, request.method
+        if path == TOKEN_PATH:
+            if method != "POST":
                 return _method_not_allowed("POST")
             try:
-                return await self._token(headers, body)
+                return await self._token(request)
             except OAuthError as exc:
                 return _error(exc)
             except DevIssuerError as exc:  # a signing key that cannot be read
                 log.error("cannot issue a token: %s", exc)
                 return _error(OAuthError(500, "server_error", "the issuer cannot sign tokens"))
-        if path == JWKS_PATH.encode():
-            if method != b"GET":
+        if path == JWKS_PATH:
+            if method != "GET":
                 return _method_not_allowed("GET")
             try:
-                return _Response(200, self.keys.jwks(), (("cache-control", "max-age=60"),))
+                return json_response(200, self.keys.jwks(), (("cache-control", "max-age=60"),))
             except DevIssuerError as exc:
                 log.error("cannot publish the signing keys: %s", exc)
                 return _error(OAuthError(500, "server_error", "the issuer's keys cannot be read"))
-        return _Response(
+        return json_response(
             404,
             {"error": "not_found", "error_description": f"this issuer serves {TOKEN_PATH}"},
         )
 
     # The token endpoint ---------------------------------------------------------------------
 
-    async def _token(self, headers: dict[bytes, list[bytes]], body: bytes) -> _Response:
-        parameters = _parameters(_header(headers, b"content-type"), body)
+    async def _token(self, request: Request) -> Response:
+        parameters = _parameters(_header(request, "content-type"), request.body)
         grant_type = parameters.get("grant_type")
         if not grant_type:
             raise OAuthError(400, "invalid_request", "grant_type is required")
@@ -741,7 +648,7 @@ class DevIssuer:
                 f"grant_type {grant_type[:60]!r} is not supported; use client_credentials",
             )
         client = await self._authenticate(
-            *_credentials(_header(headers, b"authorization"), parameters)
+            *_credentials(_header(request, "authorization"), parameters)
         )
         audience = parameters.get("audience") or self._auth.audience
         if audience != self._auth.audience:
@@ -774,7 +681,7 @@ class DevIssuer:
             client.tenant_id,
             kid,
         )
-        return _Response(
+        return json_response(
             200,
             {
                 "access_token": token,
@@ -829,54 +736,9 @@ class DevIssuer:
         return asked
 
 
-def _method_not_allowed(allowed: str) -> _Response:
-    return _Response(
+def _method_not_allowed(allowed: str) -> Response:
+    return json_response(
         405,
         {"error": "invalid_request", "error_description": f"use {allowed}"},
         (("allow", allowed),),
     )
-
-
-async def _discard_rest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Read (a bounded part of) what the client is still sending before closing: closing with
-    unread data makes the kernel reset the connection, and the client could lose the answer."""
-    with contextlib.suppress(OSError, TimeoutError):
-        async with asyncio.timeout(1.0):
-            if writer.can_write_eof():
-                writer.write_eof()
-            discarded = 0
-            while discarded < 16 * _MAX_BODY_BYTES:
-                data = await reader.read(64 * 1024)
-                if not data:
-                    return
-                discarded += len(data)
-
-
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(await reader.read(16 * 1024))
-
-
-async def _send(
-    conn: h11.Connection, writer: asyncio.StreamWriter, response: _Response, keep_alive: bool
-) -> None:
-    body = json.dumps(response.body, separators=(",", ":")).encode()
-    headers = [
-        ("content-type", "application/json"),
-        ("content-length", str(len(body))),
-        *response.headers,
-    ]
-    if not keep_alive:
-        headers.append(("connection", "close"))
-    for event in (
-        h11.Response(status_code=response.status, headers=headers),
-        h11.Data(data=body),
-        h11.EndOfMessage(),
-    ):
-        data = conn.send(event)
-        if data:
-            writer.write(data)
-    await writer.drain()
