@@ -3,7 +3,9 @@
 ``Agent.start()`` opens the buffer first, so nothing is collected that could not be kept, then
 starts the collectors (each supervised: one that fails is restarted with backoff and never stops
 the others), the uploader, and the health and metrics endpoints. ``stop()`` stops collecting,
-seals what is open and closes the buffer; unsent batches stay for the next start.
+seals what is open and closes the buffer; unsent batches stay for the next start. Tracing (off
+unless the ``OTEL_*`` environment asks for it, see ``ingest_service.tracing``) starts with the
+uploader and is flushed last.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from edge.oauth import TokenClient
 from edge.readings import Reading
 from edge.transform import Transform
 from edge.uploader import Backoff, Uploader, UploaderSettings
+from ingest_service.tracing import AGENT_SERVICE, Tracing
 
 __all__ = ["Agent", "SourceSink", "token_client", "uploader_settings"]
 
@@ -122,6 +125,7 @@ class Agent:
         self.uploader: Uploader | None = None
         self.health: HealthServer | None = None
         self.metrics_port: int | None = None
+        self.tracing = Tracing.off()
         self._serve_endpoints = serve_endpoints
         self._tokens: TokenClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -136,7 +140,12 @@ class Agent:
             config.buffer.database_path,
         )
         self._tokens = token_client(config, self.metrics)
-        self.uploader = Uploader(self.buffer, self._tokens, uploader_settings(config), self.metrics)
+        if not self.tracing.enabled:  # a retried start keeps the tracing it has
+            self.tracing = Tracing.from_environ(AGENT_SERVICE)
+        self.uploader = Uploader(
+            self.buffer, self._tokens, uploader_settings(config), self.metrics,
+            tracer=self.tracing.tracer,
+        )
         if self._serve_endpoints:
             monitoring = config.monitoring
             self.metrics_port = self.metrics.serve(
@@ -182,6 +191,7 @@ class Agent:
             self.metrics.stop()
         if self.buffer is not None:
             await self.buffer.close()
+        await asyncio.to_thread(self.tracing.shutdown)
 
     def _count_collected(self, by_source: Mapping[str, int]) -> None:
         """Points count as collected once they are sealed in the buffer."""

@@ -13,6 +13,26 @@ A batch leaves the buffer only when the gateway's response lists it. What the ga
 invalid goes to the dead letters with the reason, and the queue moves on; everything else is
 retried for ever with exponential backoff and jitter (``retry:``), the gateway's ``RetryInfo``
 taking precedence. This module is the agent's one place for retries.
+
+**Traces** (when the ``OTEL_*`` environment turns them on, see ``ingest_service.tracing``). W3C
+trace context travels in gRPC metadata, which a call sends once, when it opens; a live call then
+carries every batch sealed in its window, and a batch's bytes are the ones stored at seal time
+(a resend is byte-identical), so a context per batch would need a field in the contract. Hence:
+
+* each ``Ingest`` call is a client span, ``welltegra.ingest.v1.IngestService/Ingest`` (lane,
+  agent id, batch and point counts, gRPC status), and its context is the ``traceparent`` the
+  call sends: the gateway's spans of the call (its server span, then one ``ingest batch`` span
+  per batch, down to the SQL statements) are its children, in the same trace;
+* each batch the call carries is an ``upload batch`` child span, from the moment it is handed to
+  the stream to the call's response (its acknowledgement, or the failure), with its sequence,
+  point count, lane, agent id and the counts the gateway returned. ``welltegra.batch.sequence``
+  is the key under which the gateway's ``ingest batch`` span of the same batch is found.
+
+Collection and sealing happened earlier, in other tasks: no span pretends to cover them. The
+batch span records when the batch was sealed (``welltegra.batch.sealed_at``), how long it then
+waited in the buffer (``welltegra.batch.waited_seconds``) and the time range of its points
+(``welltegra.batch.first_point_at``, ``...last_point_at``), as attributes. Never a value, never
+the token.
 """
 
 from __future__ import annotations
@@ -24,21 +44,33 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from edge.buffer import Buffer, PendingBatch
 from edge.metrics import AgentMetrics
 from edge.oauth import TokenClient, TokenError
+from ingest_service.tracing import (
+    AGENT_ID,
+    BATCH_POINTS,
+    BATCH_SEQUENCE,
+    LANE,
+    failed,
+    metadata_with_context,
+)
 from welltegra.ingest.v1 import ingest_pb2
 
 __all__ = [
     "INGEST_METHOD",
     "Backoff",
+    "CallTrace",
     "Lane",
     "RpcFailure",
     "Uploader",
@@ -148,6 +180,93 @@ class RpcFailure:
         return text
 
 
+class CallTrace:
+    """The spans of one ``Ingest`` call: the call's own, whose context the call's metadata
+    carries, and one per batch sent, ended by the call's response (see the module docstring).
+    With a no-op tracer every span is a no-op."""
+
+    def __init__(self, tracer: Tracer, lane: Lane, agent_id: str, target: str) -> None:
+        self._tracer = tracer
+        self._common: dict[str, str] = {LANE: lane.value, AGENT_ID: agent_id}
+        self._span = tracer.start_span(
+            INGEST_METHOD.lstrip("/"),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": SERVICE_NAME,
+                "rpc.method": "Ingest",
+                "server.address": target,
+                **self._common,
+            },
+        )
+        self._context = trace.set_span_in_context(self._span)
+        self._open: dict[int, Span] = {}
+        self._batches = self._points = 0
+        self._ended = False
+
+    def metadata(self, metadata: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+        """``metadata`` plus the call span's ``traceparent`` (and ``tracestate``)."""
+        return metadata_with_context(metadata, self._context)
+
+    def sent(self, batch: PendingBatch) -> None:
+        """``batch`` is handed to the call's stream now."""
+        self._batches += 1
+        self._points += batch.point_count
+        if not self._span.is_recording():
+            return  # tracing off (or this call not sampled): nothing to describe
+        now = time.time()
+        attributes: dict[str, str | int | float] = {
+            BATCH_SEQUENCE: batch.sequence,
+            BATCH_POINTS: batch.point_count,
+            "welltegra.batch.gap_records": batch.gap_count,
+            "welltegra.batch.sealed_at": _instant(batch.sealed_at),
+            "welltegra.batch.waited_seconds": round(max(now - batch.sealed_at, 0.0), 6),
+            **self._common,
+        }
+        if batch.first_ts is not None and batch.last_ts is not None:
+            attributes["welltegra.batch.first_point_at"] = _instant(batch.first_ts)
+            attributes["welltegra.batch.last_point_at"] = _instant(batch.last_ts)
+        self._open[batch.sequence] = self._tracer.start_span(
+            "upload batch", context=self._context, attributes=attributes
+        )
+
+    def acknowledged(self, results: Sequence[ingest_pb2.BatchResult]) -> None:
+        """The call's response: each batch it lists ends with the gateway's counts."""
+        for result in results:
+            span = self._open.pop(result.batch_sequence, None)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "welltegra.batch.accepted": result.accepted_count,
+                        "welltegra.batch.rejected": result.rejected_count,
+                        "welltegra.batch.duplicate": result.duplicate_count,
+                        "welltegra.batch.duplicate_batch": result.duplicate_batch,
+                    }
+                )
+                span.end()
+        self.end(grpc.StatusCode.OK)
+
+    def end(self, code: grpc.StatusCode | None, reason: str = "") -> None:
+        """End the call span (and the spans of batches no response acknowledged) with the
+        call's status: ``code`` None when no call was made (no token). Only the first end
+        counts."""
+        if self._ended:
+            return
+        self._ended = True
+        for span in self._open.values():
+            failed(span, reason or "not acknowledged")
+            span.end()
+        self._open.clear()
+        self._span.set_attributes(
+            {"welltegra.call.batches": self._batches, "welltegra.call.points": self._points}
+        )
+        if code is not None:
+            self._span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            failed(self._span, reason or (code.name if code is not None else "failed"))
+        self._span.end()
+
+
 class Uploader:
     """Sends the buffer's sealed batches until cancelled; see the module docstring."""
 
@@ -157,11 +276,13 @@ class Uploader:
         tokens: TokenClient,
         settings: UploaderSettings,
         metrics: AgentMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._buffer = buffer
         self._tokens = tokens
         self._settings = settings
         self._metrics = metrics
+        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
         self._channel = _channel(settings)
         self._ingest = self._channel.stream_unary(
             INGEST_METHOD,
@@ -226,7 +347,9 @@ class Uploader:
         if share < 1 and time.monotonic() - self._live_sent_at < 2 * IDLE_POLL:
             await asyncio.sleep(took * (1 - share) / share)
 
-    async def _requests(self, lane: Lane, batches: list[PendingBatch]) -> AsyncIterator[bytes]:
+    async def _requests(
+        self, lane: Lane, batches: list[PendingBatch], spans: CallTrace
+    ) -> AsyncIterator[bytes]:
         """The stream of one call. The backlog sends what it was given. The live lane keeps
         its call open for ``live_call_duration``, sending each batch as soon as it is sealed:
         the gateway commits every batch as it arrives, so points are stored within a linger
@@ -236,6 +359,7 @@ class Uploader:
         queue = list(batches)
         while queue:
             for batch in queue:
+                spans.sent(batch)
                 yield batch.payload + suffix
                 if lane is Lane.LIVE:
                     self._live_sent_at = time.monotonic()
@@ -256,9 +380,19 @@ class Uploader:
         """One Ingest call. None when it succeeded (or the queue may move on at once); else
         the delay before the next attempt: 0 for the backoff's own, >0 the server's.
         ``batches`` grows with what a live call sends after it opened."""
+        spans = CallTrace(self._tracer, lane, self._buffer.agent_id, self._settings.target)
+        try:
+            return await self._call(lane, batches, spans)
+        finally:
+            spans.end(grpc.StatusCode.CANCELLED, "cancelled")  # unless it ended already
+
+    async def _call(
+        self, lane: Lane, batches: list[PendingBatch], spans: CallTrace
+    ) -> float | None:
         try:
             token = await self._tokens.token()
         except TokenError as exc:
+            spans.end(None, "token")
             self._count_error("token")
             self._report_failure(
                 lane, f"cannot get an access token: {exc}", permanent=not exc.retryable
@@ -267,14 +401,17 @@ class Uploader:
         started = time.perf_counter()
         try:
             response: ingest_pb2.IngestResponse = await self._ingest(
-                self._requests(lane, batches),
-                metadata=(("authorization", f"Bearer {token}"),),
+                self._requests(lane, batches, spans),
+                metadata=spans.metadata((("authorization", f"Bearer {token}"),)),
                 timeout=self._settings.timeout + self._settings.live_call_duration,
             )
         except grpc.aio.AioRpcError as error:
             self._observe_duration(started)
-            return await self._handle_failure(lane, batches, RpcFailure.from_error(error))
+            failure = RpcFailure.from_error(error)
+            spans.end(failure.code, failure.reason or failure.code.name)
+            return await self._handle_failure(lane, batches, failure)
         self._observe_duration(started)
+        spans.acknowledged(response.batches)
         await self._acknowledge(lane, batches, response.batches)
         self._recovered(lane)
         return None
@@ -361,6 +498,11 @@ async def gateway_health(settings: UploaderSettings, timeout: float = 5.0) -> st
             health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout
         )
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def _instant(seconds: float) -> str:
+    """A Unix time as RFC 3339 (UTC), as span attributes show times."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat()
 
 
 def _faulty_batch(batches: Sequence[PendingBatch], failure: RpcFailure) -> PendingBatch | None:

@@ -9,14 +9,20 @@ whole word; the tenant comes from a configurable claim (Auth0 wants namespaced c
 
 The verified ``Principal`` reaches the service through a context variable set in the same task
 that runs the handler.
+
+The interceptor is also where a guarded call's trace begins on the gateway: it opens the call's
+server span, continuing the caller's trace from the W3C ``traceparent`` in the call's metadata,
+verifies the token inside an ``auth`` span, and the handler then runs under the call's span,
+which ends with the call's gRPC status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +31,15 @@ import grpc
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from ingest_service.audit import AuditEvent, AuditLog
 from ingest_service.config import AuthConfig
 from ingest_service.errors import GatewayError, InsufficientScope, InvalidToken, abort
 from ingest_service.metrics import GatewayMetrics
 from ingest_service.tenancy import check_tenant_id
+from ingest_service.tracing import TENANT, context_from_metadata, failed, stage, within
 
 __all__ = ["AuthInterceptor", "Principal", "TokenVerifier", "current_principal"]
 
@@ -199,11 +208,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         audit: AuditLog,
         guarded_prefix: str,
         metrics: GatewayMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._verifier = verifier
         self._audit = audit
         self._prefix = guarded_prefix
         self._metrics = metrics
+        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
 
     async def intercept_service(
         self,
@@ -214,14 +225,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not details.method.startswith(self._prefix):
             return handler
         action = details.method.rsplit("/", 1)[-1]
+        call = _call_span(self._tracer, details)
         try:
-            principal = await self._verifier.verify(_bearer(details.invocation_metadata))
+            with within(call), stage(self._tracer, "auth"):
+                principal = await self._verifier.verify(_bearer(details.invocation_metadata))
         except GatewayError as error:
-            return self._refusing(handler, action, error)
-        return _with_principal(handler, principal)
+            return self._refusing(handler, action, error, call)
+        except BaseException:
+            call.end()
+            raise
+        call.set_attribute(TENANT, principal.tenant_id)
+        return _with_principal(handler, principal, call)
 
     def _refusing(
-        self, handler: grpc.RpcMethodHandler, action: str, error: GatewayError
+        self, handler: grpc.RpcMethodHandler, action: str, error: GatewayError, call: Span
     ) -> grpc.RpcMethodHandler:
         async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             event = AuditEvent(
@@ -234,7 +251,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._audit.record(event)
             if self._metrics is not None:
                 self._metrics.record(event)
-            await abort(context, error)
+            with _serving(call, context):
+                await abort(context, error)
 
         return _replace_behaviour(handler, lambda _original: refuse)
 
@@ -250,11 +268,46 @@ def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     raise InvalidToken("no access token: send 'authorization: Bearer <token>'")
 
 
-def _with_principal(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
+def _call_span(tracer: Tracer, details: grpc.HandlerCallDetails) -> Span:
+    """The server span of one call, a child of the caller's span when its metadata names one."""
+    name = details.method.lstrip("/")
+    service, _, method = name.partition("/")
+    return tracer.start_span(
+        name,
+        context=context_from_metadata(details.invocation_metadata),
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+    )
+
+
+@contextlib.contextmanager
+def _serving(call: Span, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
+    """The handler's run under the call's span; the span ends with the call's status code."""
+    try:
+        with within(call):
+            yield
+    except BaseException as error:
+        code = context.code()
+        if not isinstance(code, grpc.StatusCode):
+            cancelled = isinstance(error, asyncio.CancelledError)
+            code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
+        call.set_attribute("rpc.grpc.status_code", code.value[0])
+        failed(call, code.name)
+        raise
+    else:
+        call.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+    finally:
+        call.end()
+
+
+def _with_principal(
+    handler: grpc.RpcMethodHandler, principal: Principal, call: Span
+) -> grpc.RpcMethodHandler:
     def wrap(original: Behaviour) -> Behaviour:
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             current_principal.set(principal)
-            return await original(request, context)
+            with _serving(call, context):
+                return await original(request, context)
 
         return behaviour
 

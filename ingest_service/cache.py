@@ -5,7 +5,8 @@ Keys are ``realtime:{tenant}:{well_id}:{parameter}`` (the braces are a Redis Clu
 so a tenant's keys live on one shard) holding a hash of value, unit, quality and timestamp, with a
 300 s TTL. A key is only replaced by a newer timestamp, so a late or resent older point never
 overwrites a fresher one. One pipelined round trip per batch. Postgres is the source of truth:
-a cache failure is logged and counted, never returned to the caller.
+a cache failure is logged and counted, never returned to the caller. Each update is one
+``cache`` span (key count, and ``cache_unavailable`` when it failed; never keys or values).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import hashlib
 import logging
 from collections.abc import Iterable
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Tracer
 from redis import asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from ingest_service.metrics import GatewayMetrics
+from ingest_service.tracing import failed, stage
 from ingest_service.validation import StoredPoint
 
 __all__ = ["LatestValueCache", "cache_key"]
@@ -48,9 +52,11 @@ class LatestValueCache:
         client: aioredis.Redis,
         ttl_seconds: int = 300,
         metrics: GatewayMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._client = client
         self._metrics = metrics
+        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
         self._ttl = ttl_seconds
         self._sha = hashlib.sha1(_SET_IF_NEWER.encode()).hexdigest()
         self.failures = 0
@@ -65,19 +71,28 @@ class LatestValueCache:
                 newest[key] = point
         if not newest:
             return
-        try:
-            if not await self._run(tenant_id, newest):
-                # First use on this server (or after a restart of Redis): load, then run again.
-                await self._client.script_load(_SET_IF_NEWER)
-                await self._run(tenant_id, newest)
-        except (RedisError, OSError) as exc:
-            self.failures += 1
-            if self._metrics is not None:
-                self._metrics.cache_failures.inc()
-            if not self._failing:
-                log.warning("latest-value cache unavailable, ingest continues without it: %s", exc)
-                self._failing = True
-            return
+        attributes = {
+            "db.system": "redis",
+            "db.operation.name": "EVALSHA",
+            "welltegra.cache.keys": len(newest),
+        }
+        with stage(self._tracer, "cache", attributes, SpanKind.CLIENT) as span:
+            try:
+                if not await self._run(tenant_id, newest):
+                    # First use on this server (or after a restart of Redis): load, run again.
+                    await self._client.script_load(_SET_IF_NEWER)
+                    await self._run(tenant_id, newest)
+            except (RedisError, OSError) as exc:
+                failed(span, "cache_unavailable")
+                self.failures += 1
+                if self._metrics is not None:
+                    self._metrics.cache_failures.inc()
+                if not self._failing:
+                    log.warning(
+                        "latest-value cache unavailable, ingest continues without it: %s", exc
+                    )
+                    self._failing = True
+                return
         if self._failing:
             log.info("latest-value cache is back")
             self._failing = False

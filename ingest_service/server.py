@@ -1,5 +1,6 @@
 """The gateway process: wires the pipeline stages to a ``grpc.aio`` server with health and
-reflection, and owns their lifecycle (start, graceful stop).
+reflection, and owns their lifecycle (start, graceful stop). Tracing (off unless the ``OTEL_*``
+environment asks for it, see ``tracing``) starts first and is flushed last.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ingest_service.metrics import GatewayMetrics
 from ingest_service.parameters import ParameterRegistry
 from ingest_service.service import SERVICE_NAME, IngestPipeline
 from ingest_service.storage import Storage
+from ingest_service.tracing import GATEWAY_SERVICE, Tracing
 from ingest_service.validation import Validator
 
 __all__ = ["Gateway", "ListenError"]
@@ -58,6 +60,7 @@ class Gateway:
         self._redis_limiter: RedisLimiter | None = None
         self._metrics_server: tuple[WSGIServer, threading.Thread] | None = None
         self.metrics = GatewayMetrics()
+        self.tracing = Tracing.off()
         self.port = 0
         self.metrics_port = 0
 
@@ -92,7 +95,12 @@ class Gateway:
             provider = config.key_provider(os.environ, admin=False)
         except KeyringError as exc:
             raise ConfigError(str(exc)) from exc
-        self._storage = await Storage.connect(self._database_url, config.storage, provider)
+        if not self.tracing.enabled:  # a retried start keeps the tracing it has
+            self.tracing = Tracing.from_environ(GATEWAY_SERVICE)
+        tracer = self.tracing.tracer
+        self._storage = await Storage.connect(
+            self._database_url, config.storage, provider, tracer=tracer
+        )
         unopened = await self._storage.keys.tenants_it_cannot_open()
         if unopened:
             # Not fatal: one database may be shared (tests, benchmarks), and the other tenants
@@ -110,7 +118,7 @@ class Gateway:
                 self._redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
             )
             self._cache = LatestValueCache(
-                client, int(config.cache_ttl.total_seconds()), self.metrics
+                client, int(config.cache_ttl.total_seconds()), self.metrics, tracer=tracer
             )
         extra_keys = []
         if config.dev:
@@ -123,10 +131,13 @@ class Gateway:
             limiter=self._limiter(),
             audit=self._audit,
             metrics=self.metrics,
+            tracer=tracer,
         )
         server = grpc.aio.server(
             interceptors=[
-                AuthInterceptor(verifier, self._audit, f"/{SERVICE_NAME}/", self.metrics)
+                AuthInterceptor(
+                    verifier, self._audit, f"/{SERVICE_NAME}/", self.metrics, tracer=tracer
+                )
             ],
             options=[
                 # The limits stage refuses what is over a tenant's limit, with a reason and an
@@ -262,3 +273,5 @@ class Gateway:
             await self._limits_client.aclose()
         if self._storage is not None:
             await self._storage.close()
+        # Last, so the spans of the calls that finished during the grace period go too.
+        await asyncio.to_thread(self.tracing.shutdown)

@@ -13,6 +13,11 @@ older than what the agent sends live. When a batch is refused, the stream
 ends with that batch's error (its ``batch_index`` in the stream and, once parsed, its
 ``batch_sequence`` in ``ErrorInfo.metadata``); the batches before
 it stay committed, and a resend of them is answered as duplicates.
+
+Traces: the call's span is opened by the auth interceptor; here each batch of a stream gets an
+``ingest batch`` span under it (``IngestRealtime``, one batch, goes without), and under that the
+stages: ``limits``, ``validate``, ``store`` (with one span per SQL statement, see
+``storage``) and ``cache``. The batch span carries the batch's sequence, agent id and counts.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from opentelemetry import trace
+from opentelemetry.trace import Span, Tracer
 
 from ingest_service.audit import AuditEvent, AuditLog
 from ingest_service.auth import Principal, current_principal
@@ -36,6 +43,7 @@ from ingest_service.limits import Limiter
 from ingest_service.metrics import GatewayMetrics
 from ingest_service.storage import BatchOutcome, Storage
 from ingest_service.tenancy import match_tenant
+from ingest_service.tracing import AGENT_ID, BATCH_POINTS, BATCH_SEQUENCE, failed, stage
 from ingest_service.validation import Validator
 from welltegra.ingest.v1 import ingest_pb2
 
@@ -72,6 +80,7 @@ class IngestPipeline:
         limiter: Limiter,
         audit: AuditLog,
         metrics: GatewayMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._storage = storage
         self._cache = cache
@@ -79,6 +88,7 @@ class IngestPipeline:
         self._limiter = limiter
         self._audit = audit
         self._metrics = metrics if metrics is not None else GatewayMetrics()
+        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         """The generic handler serving ``welltegra.ingest.v1.IngestService``."""
@@ -104,7 +114,8 @@ class IngestPipeline:
         event = _call_event("IngestRealtime", principal, context, ingestion_id)
         try:
             await self._storage.check_provisioned(principal.tenant_id)
-            await self._limiter.admit(principal.tenant_id, len(raw))
+            with stage(self._tracer, "limits"):
+                await self._limiter.admit(principal.tenant_id, len(raw))
             request = _parse(ingest_pb2.IngestRealtimeRequest, raw)
             outcome = await self._run(
                 principal, request.tenant_id, request.data_points, ingestion_id
@@ -137,31 +148,48 @@ class IngestPipeline:
         async for index, raw in _enumerate(requests, start=1):
             ingestion_id = new_ingestion_id()
             event = _call_event("Ingest", principal, context, ingestion_id)
-            try:
-                await self._storage.check_provisioned(principal.tenant_id)
-                await self._limiter.admit(
-                    principal.tenant_id, len(raw), new_call=index == 1
+            with stage(
+                self._tracer,
+                "ingest batch",
+                {"welltegra.batch.index": index, "welltegra.batch.bytes": len(raw)},
+            ) as span:
+                try:
+                    await self._storage.check_provisioned(principal.tenant_id)
+                    with stage(self._tracer, "limits"):
+                        await self._limiter.admit(
+                            principal.tenant_id, len(raw), new_call=index == 1
+                        )
+                    batch = _parse(ingest_pb2.IngestRequest, raw)
+                    event = _with_batch(event, batch)
+                    _trace_batch(span, batch)
+                    _check_batch_identity(batch)
+                    outcome = await self._run(
+                        principal,
+                        batch.tenant_id,
+                        batch.data_points,
+                        ingestion_id,
+                        agent_id=batch.agent_id,
+                        batch_sequence=batch.batch_sequence,
+                        gaps=batch.data_gaps,
+                        historical=batch.historical,
+                    )
+                except GatewayError as error:
+                    # Which batch of the stream failed: its position always (it may be refused
+                    # before it is parsed), its sequence number when it could be read.
+                    error.metadata["batch_index"] = str(index)
+                    if event.batch_sequence is not None:
+                        error.metadata["batch_sequence"] = str(event.batch_sequence)
+                    failed(span, error.reason)
+                    await self._refuse(context, event, error)
+                span.set_attributes(
+                    {
+                        "welltegra.ingestion_id": ingestion_id,
+                        "welltegra.batch.accepted": outcome.accepted,
+                        "welltegra.batch.rejected": outcome.rejected,
+                        "welltegra.batch.duplicate": outcome.duplicate,
+                        "welltegra.batch.duplicate_batch": outcome.duplicate_batch,
+                    }
                 )
-                batch = _parse(ingest_pb2.IngestRequest, raw)
-                event = _with_batch(event, batch)
-                _check_batch_identity(batch)
-                outcome = await self._run(
-                    principal,
-                    batch.tenant_id,
-                    batch.data_points,
-                    ingestion_id,
-                    agent_id=batch.agent_id,
-                    batch_sequence=batch.batch_sequence,
-                    gaps=batch.data_gaps,
-                    historical=batch.historical,
-                )
-            except GatewayError as error:
-                # Which batch of the stream failed: its position always (it may be refused before
-                # it is parsed), its sequence number when it could be read.
-                error.metadata["batch_index"] = str(index)
-                if event.batch_sequence is not None:
-                    error.metadata["batch_sequence"] = str(event.batch_sequence)
-                await self._refuse(context, event, error)
             self._record(_audited(event, outcome))
             response.batches.append(
                 ingest_pb2.BatchResult(
@@ -193,7 +221,9 @@ class IngestPipeline:
     ) -> _Outcome:
         """``gaps`` and ``historical`` come with Ingest batches; IngestRealtime has neither."""
         match_tenant(principal.tenant_id, body_tenant)
-        validated = self._validator.validate(points, gaps=gaps)
+        with stage(self._tracer, "validate", {BATCH_POINTS: len(points)}) as span:
+            validated = self._validator.validate(points, gaps=gaps)
+            span.set_attribute("welltegra.batch.rejected", len(validated.rejected))
         self._metrics.batch_points.observe(len(points))
         with self._metrics.storage_seconds.time():
             stored = await self._storage.store_batch(
@@ -203,7 +233,7 @@ class IngestPipeline:
         # only newer timestamps, but after an outage its keys may have expired, and old points
         # would pass for the latest values: they are not offered to it at all.
         if self._cache is not None and not stored.duplicate_batch and not historical:
-            await self._cache.update(principal.tenant_id, validated.accepted)
+            await self._cache.update(principal.tenant_id, validated.accepted)  # its own span
         rejections = [
             ingest_pb2.Rejection(index=q.index, field=q.field, reason=q.reason)
             for q in validated.rejected
@@ -246,6 +276,19 @@ async def _enumerate(items: AsyncIterator[bytes], start: int) -> AsyncIterator[t
     async for item in items:
         yield index, item
         index += 1
+
+
+def _trace_batch(span: Span, batch: ingest_pb2.IngestRequest) -> None:
+    """What the batch span says of a parsed batch: who sent it and how much, no values."""
+    span.set_attributes(
+        {
+            BATCH_SEQUENCE: batch.batch_sequence,
+            AGENT_ID: batch.agent_id[:MAX_AGENT_ID],
+            BATCH_POINTS: len(batch.data_points),
+            "welltegra.batch.gap_records": len(batch.data_gaps),
+            "welltegra.batch.historical": batch.historical,
+        }
+    )
 
 
 def _check_batch_identity(batch: ingest_pb2.IngestRequest) -> None:

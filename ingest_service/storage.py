@@ -19,6 +19,12 @@ schema names are quoted by Postgres' own ``quote_ident`` and every value is a bi
 Transient database errors (a dropped connection, a deadlock, a server starting up) are retried
 here, a few times with backoff; after that the call fails with ``StorageUnavailable`` and the
 client resends, which the ledger and the point identity make harmless.
+
+Traces: each attempt at a batch's write is a ``store`` span (attempt number, counts), with a
+``seal`` span for the encryption and a ``transaction`` span (its end includes the commit) holding
+one span per SQL statement, named as below: ``tenant_fence``, ``ledger_claim``, ``copy_staging``,
+``insert_points``, ``quarantine``, ``data_gaps``, ``ledger_update``, and ``create_partition``
+outside it. A statement span carries its name, verb and table, never the SQL text or a parameter.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import asyncpg
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Tracer
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -56,6 +64,7 @@ from ingest_service.crypto import (
 from ingest_service.errors import StorageUnavailable, UnknownTenant
 from ingest_service.keystore import Keystore
 from ingest_service.tenancy import check_tenant_id
+from ingest_service.tracing import BATCH_POINTS, stage
 from ingest_service.validation import GapRecord, QuarantinedPoint, StoredPoint, ValidatedBatch
 
 __all__ = [
@@ -184,9 +193,17 @@ def _sql(name: str) -> str:
 class Storage:
     """The gateway's PostgreSQL storage: migrations, tenants, partitions and batch writes."""
 
-    def __init__(self, pool: asyncpg.Pool, config: StorageConfig, url: str, keys: Keystore) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        config: StorageConfig,
+        url: str,
+        keys: Keystore,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.pool = pool
         self.keys = keys
+        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
         self._config = config
         self._url = url
         self._health_conn: asyncpg.Connection | None = None
@@ -196,7 +213,11 @@ class Storage:
 
     @classmethod
     async def connect(
-        cls, url: str, config: StorageConfig, key_provider: KeyProvider | None = None
+        cls,
+        url: str,
+        config: StorageConfig,
+        key_provider: KeyProvider | None = None,
+        tracer: Tracer | None = None,
     ) -> Storage:
         """Open the pool and apply migrations; ``DatabaseUnreachable`` with a clear reason.
         Without ``key_provider`` (the master key) nothing can be written or read, but tenants
@@ -227,7 +248,7 @@ class Storage:
                 f"cannot reach the database at {describe_url(url)}: {exc or type(exc).__name__}"
             ) from exc
         keys = Keystore(pool, key_provider, config.key_cache.total_seconds())
-        storage = cls(pool, config, url, keys)
+        storage = cls(pool, config, url, keys, tracer)
         await storage.migrate()
         return storage
 
@@ -525,8 +546,11 @@ class Storage:
             start, end = day.isoformat(), (day + timedelta(days=1)).isoformat()
             # Another gateway may create it between our check and our create: that is fine. The
             # savepoint keeps a caller's transaction usable after that error.
-            with contextlib.suppress(
-                asyncpg.exceptions.DuplicateTableError, asyncpg.UniqueViolationError
+            with (
+                self._statement("create_partition", "CREATE TABLE", "real_time_parameters"),
+                contextlib.suppress(
+                    asyncpg.exceptions.DuplicateTableError, asyncpg.UniqueViolationError
+                ),
             ):
                 async with conn.transaction():
                     await conn.execute(
@@ -559,6 +583,7 @@ class Storage:
         errors; ``StorageUnavailable`` when the database stays away."""
         budget = self._config.batch_timeout.total_seconds()
         deadline = asyncio.get_running_loop().time() + budget
+        attributes = {"db.system": "postgresql", BATCH_POINTS: len(batch.accepted)}
         try:
             async with asyncio.timeout_at(deadline):
                 async for attempt in AsyncRetrying(
@@ -567,10 +592,22 @@ class Storage:
                     wait=wait_exponential_jitter(multiplier=0.1, max=1.0, jitter=0.1),
                     reraise=True,
                 ):
-                    with attempt:
-                        return await self._write(
+                    # One span per attempt: a retried write shows each try and why it failed.
+                    number = attempt.retry_state.attempt_number
+                    with attempt, stage(
+                        self._tracer, "store", {**attributes, "welltegra.store.attempt": number}
+                    ) as span:
+                        outcome = await self._write(
                             tenant_id, batch, ingestion_id, agent_id, batch_sequence, deadline
                         )
+                        span.set_attributes(
+                            {
+                                "welltegra.batch.accepted": outcome.accepted,
+                                "welltegra.batch.duplicate": outcome.duplicate,
+                                "welltegra.batch.duplicate_batch": outcome.duplicate_batch,
+                            }
+                        )
+                        return outcome
         except KeyringError as exc:
             # The gateway's master key does not open this tenant's data key: an operator's
             # problem; the client is told to retry later and nothing is stored unsealed.
@@ -623,17 +660,42 @@ class Storage:
             conn, tenant_id, tables, {p.timestamp.date() for p in batch.accepted}
         )
         # Sealed before the transaction opens, so it is held only for the writes.
-        records = _seal_points(keyring, tenant_id, batch.accepted)
-        quarantined = [_seal_rejection(keyring, tenant_id, ingestion_id, q) for q in batch.rejected]
-        gaps = [
-            _seal_gap(keyring, tenant_id, ingestion_id, agent_id, batch_sequence, g)
-            for g in batch.gaps
-        ]
-        async with conn.transaction():
-            # Row-level security's fence for this transaction: the writer role, this tenant.
+        with stage(self._tracer, "seal", {BATCH_POINTS: len(batch.accepted)}):
+            records = _seal_points(keyring, tenant_id, batch.accepted)
+            quarantined = [
+                _seal_rejection(keyring, tenant_id, ingestion_id, q) for q in batch.rejected
+            ]
+            gaps = [
+                _seal_gap(keyring, tenant_id, ingestion_id, agent_id, batch_sequence, g)
+                for g in batch.gaps
+            ]
+        with stage(self._tracer, "transaction", {"db.system": "postgresql"}):
+            async with conn.transaction():
+                return await self._write_transaction(
+                    conn, tables, tenant_id, batch, records, quarantined, gaps, ingestion_id,
+                    agent_id, batch_sequence,
+                )
+
+    async def _write_transaction(
+        self,
+        conn: asyncpg.Connection,
+        tables: _TenantTables,
+        tenant_id: str,
+        batch: ValidatedBatch,
+        records: list[tuple[Any, ...]],
+        quarantined: list[tuple[Any, ...]],
+        gaps: list[tuple[Any, ...]],
+        ingestion_id: str,
+        agent_id: str | None,
+        batch_sequence: int | None,
+    ) -> BatchOutcome:
+        """The statements of one batch's transaction (the caller opens and commits it)."""
+        # Row-level security's fence for this transaction: the writer role, this tenant.
+        with self._statement("tenant_fence", "SELECT", "set_config"):
             await conn.execute(TENANT_FENCE, tenant_id)
-            ledgered = agent_id is not None and batch_sequence is not None
-            if ledgered:
+        ledgered = agent_id is not None and batch_sequence is not None
+        if ledgered:
+            with self._statement("ledger_claim", "INSERT", "batch_ledger") as span:
                 claimed = await conn.fetchval(
                     f"INSERT INTO {tables.ledger}"
                     " (tenant_id, agent_id, batch_sequence, ingestion_id)"
@@ -643,29 +705,31 @@ class Storage:
                     batch_sequence,
                     ingestion_id,
                 )
-                if not claimed:
-                    # Committed before: its valid points are stored, its refused ones are
-                    # in quarantine already. Nothing is written again.
-                    return BatchOutcome(
-                        accepted=0,
-                        rejected=len(batch.rejected),
-                        duplicate=len(batch.accepted),
-                        duplicate_batch=True,
-                    )
-            accepted = await self._insert_points(
-                conn, tables, tenant_id, records, ingestion_id, agent_id, batch_sequence
-            )
-            if quarantined:
-                await self._quarantine(conn, tables, quarantined)
-            if gaps:
-                await self._record_gaps(conn, tables, gaps)
-            outcome = BatchOutcome(
-                accepted=accepted,
-                rejected=len(batch.rejected),
-                duplicate=len(batch.accepted) - accepted,
-                gaps=len(gaps),
-            )
-            if ledgered:
+                span.set_attribute("welltegra.db.claimed", bool(claimed))
+            if not claimed:
+                # Committed before: its valid points are stored, its refused ones are
+                # in quarantine already. Nothing is written again.
+                return BatchOutcome(
+                    accepted=0,
+                    rejected=len(batch.rejected),
+                    duplicate=len(batch.accepted),
+                    duplicate_batch=True,
+                )
+        accepted = await self._insert_points(
+            conn, tables, tenant_id, records, ingestion_id, agent_id, batch_sequence
+        )
+        if quarantined:
+            await self._quarantine(conn, tables, quarantined)
+        if gaps:
+            await self._record_gaps(conn, tables, gaps)
+        outcome = BatchOutcome(
+            accepted=accepted,
+            rejected=len(batch.rejected),
+            duplicate=len(batch.accepted) - accepted,
+            gaps=len(gaps),
+        )
+        if ledgered:
+            with self._statement("ledger_update", "UPDATE", "batch_ledger"):
                 await conn.execute(
                     f"UPDATE {tables.ledger} SET accepted_count = $3, rejected_count = $4,"
                     " duplicate_count = $5, gap_count = $6"
@@ -677,7 +741,24 @@ class Storage:
                     outcome.duplicate,
                     outcome.gaps,
                 )
-            return outcome
+        return outcome
+
+    def _statement(
+        self, name: str, operation: str, table: str
+    ) -> contextlib.AbstractContextManager[Span]:
+        """The span of one SQL statement: its name, verb and table (unqualified), never its
+        text or its parameters."""
+        return stage(
+            self._tracer,
+            name,
+            {
+                "db.system": "postgresql",
+                "db.operation.name": operation,
+                "db.collection.name": table,
+                "welltegra.db.statement": name,
+            },
+            SpanKind.CLIENT,
+        )
 
     async def _insert_points(
         self,
@@ -691,42 +772,49 @@ class Storage:
     ) -> int:
         if not records:
             return 0
-        await conn.copy_records_to_table("wt_staging", columns=STAGING_COLUMNS, records=records)
+        with self._statement("copy_staging", "COPY", "wt_staging") as span:
+            await conn.copy_records_to_table("wt_staging", columns=STAGING_COLUMNS, records=records)
+            span.set_attribute("welltegra.db.rows", len(records))
         columns = ", ".join(STAGING_COLUMNS)
-        status = await conn.execute(
-            f"INSERT INTO {tables.points}"
-            f" (tenant_id, ingestion_id, agent_id, batch_sequence, {columns})"
-            f" SELECT $1, $2, $3, $4, {columns} FROM pg_temp.wt_staging"
-            " ON CONFLICT (well_id, parameter_name, ts) DO NOTHING",
-            tenant_id,
-            ingestion_id,
-            agent_id,
-            batch_sequence,
-        )
-        # The status is "INSERT 0 <rows>": the rows that were new. Staging empties itself at
-        # commit (ON COMMIT DELETE ROWS), and a rolled-back transaction leaves no rows behind.
-        return int(status.rsplit(" ", 1)[-1])
+        with self._statement("insert_points", "INSERT", "real_time_parameters") as span:
+            status = await conn.execute(
+                f"INSERT INTO {tables.points}"
+                f" (tenant_id, ingestion_id, agent_id, batch_sequence, {columns})"
+                f" SELECT $1, $2, $3, $4, {columns} FROM pg_temp.wt_staging"
+                " ON CONFLICT (well_id, parameter_name, ts) DO NOTHING",
+                tenant_id,
+                ingestion_id,
+                agent_id,
+                batch_sequence,
+            )
+            # The status is "INSERT 0 <rows>": the rows that were new. Staging empties itself
+            # at commit (ON COMMIT DELETE ROWS); a rolled-back transaction leaves no rows behind.
+            inserted = int(status.rsplit(" ", 1)[-1])
+            span.set_attribute("welltegra.db.rows", inserted)
+        return inserted
 
     async def _quarantine(
         self, conn: asyncpg.Connection, tables: _TenantTables, rows: list[tuple[Any, ...]]
     ) -> None:
-        await conn.executemany(
-            f"INSERT INTO {tables.quarantine} (tenant_id, ingestion_id, point_index, well_id,"
-            " parameter_name, ts, field, key_version, sealed, sealed_reason)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            rows,
-        )
+        with self._statement("quarantine", "INSERT", "quarantine"):
+            await conn.executemany(
+                f"INSERT INTO {tables.quarantine} (tenant_id, ingestion_id, point_index, well_id,"
+                " parameter_name, ts, field, key_version, sealed, sealed_reason)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                rows,
+            )
 
     async def _record_gaps(
         self, conn: asyncpg.Connection, tables: _TenantTables, rows: list[tuple[Any, ...]]
     ) -> None:
-        await conn.executemany(
-            f"INSERT INTO {tables.gaps} (tenant_id, agent_id, batch_sequence, ingestion_id,"
-            " gap_index, well_id, parameter_name, first_timestamp, last_timestamp, point_count,"
-            " reason, key_version, sealed_source)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            rows,
-        )
+        with self._statement("data_gaps", "INSERT", "data_gaps"):
+            await conn.executemany(
+                f"INSERT INTO {tables.gaps} (tenant_id, agent_id, batch_sequence, ingestion_id,"
+                " gap_index, well_id, parameter_name, first_timestamp, last_timestamp,"
+                " point_count, reason, key_version, sealed_source)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                rows,
+            )
 
 
 def _aware(moment: datetime) -> datetime:

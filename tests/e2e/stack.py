@@ -47,6 +47,8 @@ class GatewayServer:
     port: int = field(default_factory=free_port)
     issuer_port: int = field(default_factory=free_port)
     token_lifetime: str = "1h"
+    env: Mapping[str, str] = field(default_factory=dict)  # added to this process's environment
+    metrics_port: int | None = None  # serve /metrics here (--metrics-listen) when set
     process: asyncio.subprocess.Process | None = None
 
     @property
@@ -69,6 +71,8 @@ class GatewayServer:
             },
             "limits": {"requests_per_minute": 1_000_000, "bytes_per_day": 10**15},
         }
+        if self.metrics_port is not None:
+            config["metrics_listen"] = f"127.0.0.1:{self.metrics_port}"
         path.write_text(yaml.safe_dump(config))
         return path
 
@@ -79,6 +83,7 @@ class GatewayServer:
             "DATABASE_URL": self.database_url,
             "REDIS_URL": self.redis_url,
             "WELLTEGRA_MASTER_KEY": self.master_key,
+            **self.env,
         }
         log = (self.data_dir / "gateway.log").open("ab")
         self.process = await asyncio.create_subprocess_exec(
@@ -180,11 +185,15 @@ def agent_config(
     return path
 
 
-async def run_agent(config: Path) -> asyncio.subprocess.Process:
-    """``welltegra-agent run -c config`` as a process of its own."""
+async def run_agent(
+    config: Path, env: Mapping[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """``welltegra-agent run -c config`` as a process of its own, ``env`` added to this
+    process's environment."""
     log = (config.parent / "agent.out").open("ab")
     process = await asyncio.create_subprocess_exec(
-        *AGENT, "run", "-c", str(config), cwd=ROOT, stdout=log, stderr=log
+        *AGENT, "run", "-c", str(config), cwd=ROOT, stdout=log, stderr=log,
+        env={**os.environ, **(env or {})},
     )
     log.close()
     return process
