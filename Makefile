@@ -37,6 +37,9 @@ bench: $(STAMP)  ## Benchmarks, each printing its figure beside its ceiling
 	$(BIN)/python bench/gateway_throughput.py
 	$(BIN)/python bench/rest_throughput.py
 	$(BIN)/python bench/limits_isolation.py
+	$(BIN)/python bench/agent_pipeline.py
+	$(BIN)/python bench/opcua_latency.py
+	$(BIN)/python bench/csv_ingest.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -359,6 +359,9 @@ class Buffer:
                     raise
             if not batch.sealed.done():
                 batch.sealed.set_result(None)
+            # The batch object lives on in its linger task: let its points go now.
+            batch.points = []
+            batch.watermarks = {}
 
     async def _commit_batch(self, batch: _OpenBatch) -> None:
         delay = 0.5

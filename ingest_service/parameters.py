@@ -94,6 +94,21 @@ DEFAULT_PARAMETERS: tuple[ParameterSpec, ...] = (
         min=-50,
         max=500,
     ),
+    # Daily drilling report figures (one value per well and report day): footage drilled in the
+    # report period, and hours spent drilling, tripping and in non-productive time. The hours
+    # of one day's report cannot exceed 24.
+    ParameterSpec(
+        name="depth_drilled", canonical_unit="ft", units=("ft", "m"), min=0, max=40_000
+    ),
+    ParameterSpec(
+        name="hours_drilling", canonical_unit="h", units=("h", "hr", "hour", "min"), min=0, max=24
+    ),
+    ParameterSpec(
+        name="hours_tripping", canonical_unit="h", units=("h", "hr", "hour", "min"), min=0, max=24
+    ),
+    ParameterSpec(
+        name="hours_npt", canonical_unit="h", units=("h", "hr", "hour", "min"), min=0, max=24
+    ),
 )
 
 

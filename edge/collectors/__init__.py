@@ -8,7 +8,13 @@ discriminated union from this tuple.
 from __future__ import annotations
 
 from edge.collectors.base import Collector, CollectorError, ReadingSink, SourceConfig
+from edge.collectors.file_watcher import FileWatcherConfig
+from edge.collectors.modbus import ModbusConfig
+from edge.collectors.mqtt import MqttConfig
+from edge.collectors.opcua import OpcUaConfig
+from edge.collectors.pi_webapi import PiWebApiConfig
 from edge.collectors.simulator import SimulatorConfig
+from edge.collectors.sql import SqlConfig
 
 __all__ = [
     "SOURCE_TYPES",
@@ -19,7 +25,10 @@ __all__ = [
     "source_type_names",
 ]
 
-SOURCE_TYPES: tuple[type[SourceConfig], ...] = (SimulatorConfig,)
+SOURCE_TYPES: tuple[type[SourceConfig], ...] = (
+    SimulatorConfig, PiWebApiConfig, OpcUaConfig, MqttConfig, ModbusConfig, SqlConfig,
+    FileWatcherConfig,
+)
 
 
 def source_type_names() -> list[str]:

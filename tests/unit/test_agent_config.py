@@ -12,7 +12,7 @@ from typing import Any, get_args, get_origin
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from edge.collectors import SOURCE_TYPES, SourceConfig
+from edge.collectors import SOURCE_TYPES, SourceConfig, source_type_names
 from edge.collectors.simulator import SimulatorConfig
 from edge.config import (
     RETIRED_KEYS,
@@ -23,11 +23,13 @@ from edge.config import (
     _reason,
     load_agent_config,
 )
+from ingest_service.parameters import DEFAULT_PARAMETERS
 
 ROOT = Path(__file__).parents[2]
 CASES = Path(__file__).parent / "agent_configs"
 EXAMPLE = ROOT / "edge" / "config.example.yaml"
 DOC = ROOT / "docs" / "agent-config.md"
+KNOWN_TYPES = ", ".join(source_type_names())
 SECRET = "s3cret-value-never-shown"
 
 MINIMAL = """\
@@ -87,36 +89,51 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.monitoring.listen_address == "127.0.0.1"
     assert config.monitoring.health_check_port == 8080
     assert config.monitoring.prometheus_metrics_port == 9090
-    assert config.registry().names() == [
-        "downhole_temperature",
-        "flow_rate",
-        "hookload",
-        "wellhead_pressure",
-    ]
+    assert config.registry().names() == sorted(spec.name for spec in DEFAULT_PARAMETERS)
+
+
+# The secrets the example's sources take from the environment.
+EXAMPLE_ENVIRON = {
+    "WELLTEGRA_CLIENT_ID": "agent-7",
+    "WELLTEGRA_CLIENT_SECRET": SECRET,
+    "SCADA_USERNAME": "scada",
+    "SCADA_PASSWORD": "scada-pw",
+    "PI_WEBAPI_PASSWORD": "pi-pw",
+    "SQL_USERNAME": "reports",
+    "SQL_PASSWORD": "sql-pw",
+}
 
 
 def test_example_loads() -> None:
-    environ = {"WELLTEGRA_CLIENT_ID": "agent-7", "WELLTEGRA_CLIENT_SECRET": SECRET}
-    config = load_agent_config(EXAMPLE, environ=environ)
+    config = load_agent_config(EXAMPLE, environ=EXAMPLE_ENVIRON)
     assert config.tenant.id == "operator_shell_uk"
     assert config.api.grpc_target == "ingest.welltegra.com:443"
     assert config.oauth.client_id == "agent-7"
     assert config.oauth.client_secret.get_secret_value() == SECRET
-    (source,) = config.data_sources
+    # The spec's full example: simulated wells, OPC UA, PI, SQL reports and CSV drops.
+    assert [(s.name, s.type) for s in config.data_sources] == [
+        ("demo_wells", "simulator"),
+        ("scada_wellhead", "opcua"),
+        ("pi_historian", "pi_webapi"),
+        ("sql_reports", "sql"),
+        ("csv_watcher", "file_watcher"),
+    ]
+    source = config.data_sources[0]
     assert isinstance(source, SimulatorConfig)
     assert source.wells == ("WELL-001", "WELL-002", "WELL-003")
-    assert config.enabled_sources() == (source,)
+    assert SECRET not in config.summary() and "scada-pw" not in config.summary()
 
 
 def test_example_needs_its_variables() -> None:
     with pytest.raises(AgentConfigError) as error:
         load_agent_config(EXAMPLE, environ={})
-    assert error.value.problems == (
+    problems = error.value.problems
+    assert (
         f"{EXAMPLE}: oauth.client_id: environment variable WELLTEGRA_CLIENT_ID is not set"
-        " and has no default",
-        f"{EXAMPLE}: oauth.client_secret: environment variable WELLTEGRA_CLIENT_SECRET is not"
-        " set and has no default",
-    )
+        " and has no default"
+    ) in problems
+    for variable in EXAMPLE_ENVIRON:
+        assert any(f"environment variable {variable} is not set" in p for p in problems)
 
 
 def test_values_are_lax_and_normalised(tmp_path: Path) -> None:
@@ -211,8 +228,9 @@ BAD_CASES: list[tuple[str, list[str], list[str]]] = [
     (
         "unknown_source_type.yaml",
         [
-            "data_sources[0] (scada): unknown source type 'opcua'; the known types are: simulator",
-            "data_sources[1] (untyped): type is required; the known types are: simulator",
+            "data_sources[0] (historian): unknown source type 'pi_historian'; the known types"
+            f" are: {KNOWN_TYPES}",
+            f"data_sources[1] (untyped): type is required; the known types are: {KNOWN_TYPES}",
         ],
         [],
     ),
@@ -441,18 +459,31 @@ def flatten(annotation: Any) -> Iterator[Any]:
             yield from flatten(arg)
 
 
-def section(doc: str, model: type[BaseModel]) -> str:
+def section(doc: str, model: type[BaseModel], where: str) -> str:
     """The text under the heading that names ``model`` in backticks, to the next heading."""
     match = re.search(rf"^#+ .*`{model.__name__}`.*$", doc, re.MULTILINE)
-    assert match, f"docs/agent-config.md has no section for {model.__name__}"
+    assert match, f"{where} has no section for {model.__name__}"
     rest = doc[match.end() :]
     following = re.search(r"^#+ ", rest, re.MULTILINE)
     return rest[: following.start()] if following else rest
 
 
-def documented_models() -> list[type[BaseModel]]:
-    models = list(dict.fromkeys(nested_models(AgentConfig)))
-    return [*models, SourceConfig, *SOURCE_TYPES]
+def source_type(model: type[BaseModel]) -> str:
+    return str(model.model_fields["type"].default)
+
+
+def documented_models() -> list[tuple[type[BaseModel], Path, Path]]:
+    """Each model with the page documenting it and the file showing its keys: the core ones in
+    docs/agent-config.md and edge/config.example.yaml; a collector (and the models its keys
+    hold) in docs/collectors/<type>.md and edge/collectors/samples/<type>.yaml when it has them."""
+    found = [(m, DOC, EXAMPLE) for m in dict.fromkeys(nested_models(AgentConfig))]
+    found.append((SourceConfig, DOC, EXAMPLE))
+    for source in SOURCE_TYPES:
+        page = ROOT / "docs" / "collectors" / f"{source_type(source)}.md"
+        sample = ROOT / "edge" / "collectors" / "samples" / f"{source_type(source)}.yaml"
+        where = (page, sample) if page.exists() else (DOC, EXAMPLE)
+        found.extend((m, *where) for m in dict.fromkeys(nested_models(source)))
+    return found
 
 
 def own_fields(model: type[BaseModel]) -> list[str]:
@@ -466,11 +497,14 @@ def own_fields(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
-@pytest.mark.parametrize("model", documented_models(), ids=lambda m: m.__name__)
-def test_every_key_is_documented(model: type[BaseModel]) -> None:
-    text = section(DOC.read_text(encoding="utf-8"), model)
+@pytest.mark.parametrize(
+    ("model", "page", "sample"), documented_models(), ids=lambda m: getattr(m, "__name__", "")
+)
+def test_every_key_is_documented(model: type[BaseModel], page: Path, sample: Path) -> None:
+    where = str(page.relative_to(ROOT))
+    text = section(page.read_text(encoding="utf-8"), model, where)
     for name in own_fields(model):
-        assert f"| `{name}` |" in text, f"{model.__name__}.{name} is not in docs/agent-config.md"
+        assert f"| `{name}` |" in text, f"{model.__name__}.{name} is not in {where}"
 
 
 def test_the_doc_lists_every_retired_key() -> None:
@@ -479,8 +513,10 @@ def test_the_doc_lists_every_retired_key() -> None:
         assert f"`{section_name}.{key}`" in doc
 
 
-@pytest.mark.parametrize("model", documented_models(), ids=lambda m: m.__name__)
-def test_the_example_shows_every_key(model: type[BaseModel]) -> None:
-    example = EXAMPLE.read_text(encoding="utf-8")
+@pytest.mark.parametrize(
+    ("model", "page", "sample"), documented_models(), ids=lambda m: getattr(m, "__name__", "")
+)
+def test_the_example_shows_every_key(model: type[BaseModel], page: Path, sample: Path) -> None:
+    example = sample.read_text(encoding="utf-8")
     for name in own_fields(model):
         assert re.search(rf"^[ #-]*{name}:", example, re.MULTILINE), name
