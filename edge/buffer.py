@@ -299,10 +299,15 @@ class Buffer:
         watermarks: Mapping[str, str] | None = None,
     ) -> None:
         """Add ``points`` to the open batch (sealing as batches fill) and return once they and
-        ``source``'s ``watermarks`` are committed."""
+        ``source``'s ``watermarks`` are committed.
+
+        A bulk append (one that fills a batch itself: a collector catching up, a file) seals its
+        last, partial batch at once: the linger exists to let small appends share a batch, and
+        waiting it out would only hold the collector back."""
         if self._closed:
             raise BufferError("the buffer is closed")
         remaining = list(points)
+        bulk = len(remaining) >= self.batch_max_points
         while True:
             batch = self._open_batch()
             room = self.batch_max_points - len(batch.points)
@@ -316,6 +321,8 @@ class Buffer:
                 await self._seal(batch)
             if not remaining:
                 break
+        if bulk and not batch.sealed.done():
+            await self._seal(batch)
         await asyncio.shield(batch.sealed)
 
     async def watermark(self, source: str, key: str) -> str | None:
