@@ -34,38 +34,12 @@ from edge.collectors.file_watcher import (
 )
 from edge.config import load_agent_config
 from edge.readings import Quality, Reading
+from tests.collector_support import MemorySink
 
 ROOT = Path(__file__).parents[2]
 SAMPLE = ROOT / "edge" / "collectors" / "samples" / "file_watcher.yaml"
 HEADER = "Timestamp,Well,Wellhead Pressure (psi),Hookload (klbs),Comment\n"
 T0 = datetime(2026, 2, 1, 0, 0, tzinfo=UTC)
-
-
-class MemorySink:
-    """A ``ReadingSink`` that keeps everything (or only counts); its watermarks outlive
-    collectors, as the buffer's do."""
-
-    def __init__(self, *, keep: bool = True) -> None:
-        self.keep = keep
-        self.readings: list[Reading] = []
-        self.count = 0
-        self.emits = 0
-        self.watermarks: dict[str, str] = {}
-
-    async def emit(
-        self, readings: Sequence[Reading], watermarks: Mapping[str, str] | None = None
-    ) -> None:
-        self.emits += 1
-        self.count += len(readings)
-        if self.keep:
-            self.readings.extend(readings)
-        self.watermarks.update(watermarks or {})
-
-    async def watermark(self, key: str) -> str | None:
-        return self.watermarks.get(key)
-
-    def identities(self) -> list[tuple[str, str, datetime]]:
-        return [(r.well_id, r.parameter, r.timestamp) for r in self.readings]
 
 
 class CrashingSink(MemorySink):

@@ -8,11 +8,10 @@ import asyncio
 import contextlib
 import logging
 import math
-import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +25,11 @@ from edge.collectors.base import CollectorError
 from edge.collectors.modbus import Modbus, ModbusConfig, decode, plan_blocks
 from edge.config import load_agent_config
 from edge.readings import Quality, Reading
+from tests.collector_support import MINIMAL_AGENT, MemorySink, free_port, running
 
 ROOT = Path(__file__).parents[2]
 SAMPLE = ROOT / "edge" / "collectors" / "samples" / "modbus.yaml"
 PAGE = ROOT / "docs" / "collectors" / "modbus.md"
-
-MINIMAL_AGENT = {
-    "tenant": {"id": "acme_oil"},
-    "api": {"grpc_target": "127.0.0.1:50051", "tls": {"enabled": False}},
-    "oauth": {
-        "token_url": "http://127.0.0.1:8081/token",
-        "client_id": "agent",
-        "client_secret": "secret",
-    },
-}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
 
 def _runs(registers: Mapping[int, int]) -> list[SimData]:
     """Contiguous runs of ``registers`` as SimData blocks; addresses between stay invalid."""
@@ -143,23 +126,8 @@ class ModbusDevice:
             self._task = None
 
 
-class RecordingSink:
+class RecordingSink(MemorySink):
     """A ``ReadingSink`` that keeps what it is given, in memory."""
-
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self.watermarks: dict[str, str] = {}
-        self.emits = 0
-
-    async def emit(
-        self, readings: Sequence[Reading], watermarks: Mapping[str, str] | None = None
-    ) -> None:
-        self.readings.extend(readings)
-        self.watermarks.update(watermarks or {})
-        self.emits += 1
-
-    async def watermark(self, key: str) -> str | None:
-        return self.watermarks.get(key)
 
     def of(self, parameter: str, well: str = "W-1") -> list[Reading]:
         return [r for r in self.readings if (r.well_id, r.parameter) == (well, parameter)]
@@ -171,17 +139,6 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(collector: Modbus, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(collector.run(sink))
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, CollectorError):
-            await task
 
 
 def words(fmt: str, value: float) -> list[int]:

@@ -32,22 +32,14 @@ from edge.collectors.mqtt import REBIRTH_METRIC, Mqtt, MqttConfig, parse_timesta
 from edge.collectors.mqtt._schema import payload_class
 from edge.config import load_agent_config
 from edge.readings import Quality, Reading
+from tests.collector_support import MINIMAL_AGENT, MemorySink
+from tests.collector_support import running as running_task
 
 BROKER = ("127.0.0.1", 1883)
 ROOT = Path(__file__).parents[2]
 SAMPLE = ROOT / "edge" / "collectors" / "samples" / "mqtt.yaml"
 PAGE = ROOT / "docs" / "collectors" / "mqtt.md"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-MINIMAL_AGENT = {
-    "tenant": {"id": "acme_oil"},
-    "api": {"grpc_target": "127.0.0.1:50051", "tls": {"enabled": False}},
-    "oauth": {
-        "token_url": "http://127.0.0.1:8081/token",
-        "client_id": "agent",
-        "client_secret": "secret",
-    },
-}
 
 
 def broker_up() -> bool:
@@ -59,12 +51,11 @@ def broker_up() -> bool:
 pytestmark = pytest.mark.skipif(not broker_up(), reason="no MQTT broker on 127.0.0.1:1883")
 
 
-class RecordingSink:
+class RecordingSink(MemorySink):
     """A ``ReadingSink`` that keeps what it is given; ``hold`` makes ``emit`` wait."""
 
     def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self.watermarks: dict[str, str] = {}
+        super().__init__()
         self.hold: asyncio.Event | None = None
 
     async def emit(
@@ -72,11 +63,7 @@ class RecordingSink:
     ) -> None:
         if self.hold is not None:
             await self.hold.wait()
-        self.readings.extend(readings)
-        self.watermarks.update(watermarks or {})
-
-    async def watermark(self, key: str) -> str | None:
-        return self.watermarks.get(key)
+        await super().emit(readings, watermarks)
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None:
@@ -111,14 +98,10 @@ async def publisher() -> AsyncIterator[aiomqtt.Client]:
 
 @contextlib.asynccontextmanager
 async def running(collector: Mqtt, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(collector.run(sink))
-    try:
+    """``collector`` running into ``sink``, once it has subscribed."""
+    async with running_task(collector, sink) as task:
         await asyncio.wait_for(_subscribed(collector, task), timeout=10)
         yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, CollectorError):
-            await task
 
 
 async def _subscribed(collector: Mqtt, task: asyncio.Task[None]) -> None:

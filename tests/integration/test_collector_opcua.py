@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -43,7 +42,9 @@ from edge.collectors.opcua import (
     unit_from_eu,
 )
 from edge.config import AgentConfigError, load_agent_config
-from edge.readings import Quality, Reading
+from edge.readings import Quality
+from tests import collector_support as support
+from tests.collector_support import free_port, running
 
 ROOT = Path(__file__).parents[2]
 SAMPLE = ROOT / "edge" / "collectors" / "samples" / "opcua.yaml"
@@ -53,12 +54,6 @@ USER, PASSWORD = "operator", "s3cret-pass"
 
 def _stamp(at: datetime) -> ua.DateTime:
     return cast(ua.DateTime, at)  # asyncua's DateTime is a datetime by another name
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -316,24 +311,8 @@ def tag(name: str, parameter: str, unit: str | None = None, **keys: Any) -> dict
     return entry
 
 
-class MemorySink:
-    """A ``ReadingSink`` that keeps everything in memory; its watermarks survive restarts of
-    the collectors that use it, as the buffer's do."""
-
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self.watermarks: dict[str, str] = {}
-        self.emits = 0
-
-    async def emit(
-        self, readings: Sequence[Reading], watermarks: Mapping[str, str] | None = None
-    ) -> None:
-        self.readings.extend(readings)
-        self.watermarks.update(watermarks or {})
-        self.emits += 1
-
-    async def watermark(self, key: str) -> str | None:
-        return self.watermarks.get(key)
+class MemorySink(support.MemorySink):
+    """The shared in-memory sink, with each node's values."""
 
     def values(self, node_id: str) -> list[tuple[datetime, float]]:
         """(timestamp, value) of ``node_id``'s readings that have a value, in emitted order."""
@@ -356,17 +335,6 @@ async def until(predicate: Callable[[], Any], timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(collector: OpcUaCollector, sink: MemorySink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(collector.run(sink))
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, CollectorError):
-            await task
 
 
 @dataclass

@@ -23,6 +23,7 @@ from edge.config import AgentConfigError, load_agent_config
 from edge.readings import Quality, Reading
 from edge.transform import Transform
 from ingest_service.parameters import ParameterRegistry
+from tests import collector_support as support
 from tests.pi_webapi_server import PiWebApiServer
 
 ROOT = Path(__file__).parents[2]
@@ -38,29 +39,22 @@ def at(i: int) -> datetime:
     return BASE + timedelta(seconds=1.25 * i)
 
 
-class MemorySink:
-    """A ``ReadingSink`` in memory that checks every watermark against the data emitted with
-    or before it: a watermark must be the newest timestamp emitted for its tag."""
+class MemorySink(support.MemorySink):
+    """The shared in-memory sink that also checks every watermark against the data emitted
+    with or before it: a watermark must be the newest timestamp emitted for its tag."""
 
     def __init__(self, watermarks: Mapping[str, str] | None = None) -> None:
-        self.readings: list[Reading] = []
-        self.watermarks: dict[str, str] = dict(watermarks or {})
-        self.emits = 0
+        super().__init__(watermarks)
         self.ahead: list[str] = []
 
     async def emit(
         self, readings: Sequence[Reading], watermarks: Mapping[str, str] | None = None
     ) -> None:
-        self.emits += 1
-        self.readings.extend(readings)
+        await super().emit(readings, watermarks)
         for key, value in (watermarks or {}).items():
             newest = max((r.timestamp for r in self.readings if r.tag == key), default=None)
             if newest is None or datetime.fromisoformat(value) != newest:
                 self.ahead.append(f"{key}: watermark {value}, newest emitted {newest}")
-            self.watermarks[key] = value
-
-    async def watermark(self, key: str) -> str | None:
-        return self.watermarks.get(key)
 
     def of(self, path: str) -> list[Reading]:
         return [r for r in self.readings if r.tag == path]
@@ -76,13 +70,9 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 15) -> None
 
 @contextlib.asynccontextmanager
 async def running(collector: Collector, sink: MemorySink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(collector.run(sink))
-    try:
+    # Nothing but the cancellation is swallowed: a CollectorError fails the test.
+    async with support.running(collector, sink, tolerate=()) as task:
         yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     assert sink.ahead == [], "a watermark ran ahead of its data"
 
 

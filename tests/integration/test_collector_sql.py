@@ -31,35 +31,13 @@ from sqlalchemy.pool import NullPool
 from edge.collectors.base import CollectorError
 from edge.collectors.sql import SqlCollector, SqlConfig, watermark_key
 from edge.config import AgentConfigError, load_agent_config
-from edge.readings import Quality, Reading
+from edge.readings import Quality
+from tests.collector_support import MemorySink
 
 ROOT = Path(__file__).parents[2]
 SAMPLE = ROOT / "edge" / "collectors" / "samples" / "sql.yaml"
 MARIADB_URL = os.environ.get("MARIADB_URL", "mysql+aiomysql://root@127.0.0.1:3306/test")
 BASE = datetime(2026, 3, 1, 6, 0, 0)  # naive: the tables hold times without a time zone
-
-
-class MemorySink:
-    """A ``ReadingSink`` that keeps everything; its watermarks outlive collectors, as the
-    buffer's do."""
-
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self.watermarks: dict[str, str] = {}
-        self.emits = 0
-
-    async def emit(
-        self, readings: Sequence[Reading], watermarks: Mapping[str, str] | None = None
-    ) -> None:
-        self.emits += 1
-        self.readings.extend(readings)
-        self.watermarks.update(watermarks or {})
-
-    async def watermark(self, key: str) -> str | None:
-        return self.watermarks.get(key)
-
-    def identities(self) -> list[tuple[str, str, datetime]]:
-        return [(r.well_id, r.parameter, r.timestamp) for r in self.readings]
 
 
 @dataclass

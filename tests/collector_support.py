@@ -1,0 +1,79 @@
+"""Helpers shared by the collector integration tests (tests/integration/test_collector_*.py):
+an in-memory ``ReadingSink``, ``running()`` for a collector as a task, the smallest agent
+configuration a sample's ``data_sources`` can be loaded into, and ``free_port``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from edge.collectors.base import Collector, CollectorError, ReadingSink
+from edge.readings import Reading
+from tests.e2e.stack import free_port
+
+__all__ = ["MINIMAL_AGENT", "MemorySink", "free_port", "running"]
+
+MINIMAL_AGENT: dict[str, Any] = {
+    "tenant": {"id": "acme_oil"},
+    "api": {"grpc_target": "127.0.0.1:50051", "tls": {"enabled": False}},
+    "oauth": {
+        "token_url": "http://127.0.0.1:8081/token",
+        "client_id": "agent",
+        "client_secret": "secret",
+    },
+}
+
+
+class MemorySink:
+    """A ``ReadingSink`` that keeps everything in memory; its watermarks outlive the
+    collectors that use it, as the buffer's do.
+
+    ``emits`` counts calls of ``emit`` and ``count`` the readings given; with ``keep=False``
+    the readings are only counted, not kept. ``watermarks`` are the initial watermarks."""
+
+    def __init__(
+        self, watermarks: Mapping[str, str] | None = None, *, keep: bool = True
+    ) -> None:
+        self.keep = keep
+        self.readings: list[Reading] = []
+        self.watermarks: dict[str, str] = dict(watermarks or {})
+        self.emits = 0
+        self.count = 0
+
+    async def emit(
+        self, readings: Sequence[Reading], watermarks: Mapping[str, str] | None = None
+    ) -> None:
+        self.emits += 1
+        self.count += len(readings)
+        if self.keep:
+            self.readings.extend(readings)
+        self.watermarks.update(watermarks or {})
+
+    async def watermark(self, key: str) -> str | None:
+        return self.watermarks.get(key)
+
+    def identities(self) -> list[tuple[str, str, datetime]]:
+        return [(r.well_id, r.parameter, r.timestamp) for r in self.readings]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    collector: Collector,
+    sink: ReadingSink,
+    *,
+    tolerate: tuple[type[BaseException], ...] = (CollectorError,),
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``collector`` into ``sink`` as a task while the block runs, then cancel it.
+
+    Besides the cancellation, what stopped the task is swallowed at the end if it is one of
+    ``tolerate`` (a ``CollectorError`` unless told otherwise) and raised if not."""
+    task = asyncio.create_task(collector.run(sink))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *tolerate):
+            await task
