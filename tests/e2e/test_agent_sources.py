@@ -55,6 +55,11 @@ async def test_a_failing_source_does_not_stop_the_others(
     restarts = "ingestion_collector_restarts_total"
     try:
         await wait_for(lambda: _at_least(agent, restarts, 2, source="absent_plc"), timeout=60)
+        # ... while the simulator beside it goes on: several ticks of its 12 tags are buffered.
+        collected = "ingestion_data_points_collected_total"
+        await wait_for(
+            lambda: _at_least(agent, collected, 60, source="sim", tenant_id=tenant), timeout=60
+        )
         await agent.stop_collecting()
         assert agent.buffer is not None
         buffer = agent.buffer

@@ -300,8 +300,9 @@ async def test_a_huge_file_streams_through_in_bounded_memory(
     growth = peak - before
     assert (report.rows, report.readings, sink.count) == (count, count, count)
     assert sink.emits == count // chunk_rows + 1  # full chunks, then the end of the file
-    # A chunk of 5,000 rows is about a megabyte of readings; the 1 M-row file is 60 MB.
-    assert growth < size / 10, f"peak growth {growth} bytes for a {size}-byte file"
+    # A chunk of 5,000 rows is about a megabyte of readings; the 1 M-row file is 60 MB. The
+    # megabyte allowed on top is fixed overhead, which does not grow with the file.
+    assert growth < size / 10 + 1_000_000, f"peak growth {growth} bytes for a {size}-byte file"
 
 
 async def test_a_crash_mid_file_resumes_without_emitting_a_row_twice(tmp_path: Path) -> None:
