@@ -3,19 +3,26 @@ Compose specification's shape; every file and folder it mounts or builds from ex
 by deploy/certs/make-dev-certs.sh); every ${VAR} is in .env.example; every service has a health
 check and starts after the services it needs are healthy; ports, paths and names agree with
 envoy/envoy.yaml, the gateway's and the agent's configuration, the Dockerfiles and Prometheus;
-and deploy/agent/config.yaml loads with the values .env.example gives.
+and deploy/agent/config.yaml loads with the values .env.example gives, its OPC UA tags being
+the variables of the opcua-simulator service's script (deploy/opcua-simulator/well_simulator.py,
+which tests/integration/test_opcua_simulator.py runs and probes).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from edge.collectors.opcua import OpcUaConfig
+from edge.collectors.simulator import SIMULATED_PARAMETERS
 from edge.config import load_agent_config
 from ingest_service.config import load_config
 from ingest_service.dev_issuer import TOKEN_PATH
@@ -36,6 +43,7 @@ GATEWAY_CONFIG = ROOT / "deploy" / "gateway.compose.yaml"
 # Made on the operator's machine by this script, never committed.
 CERT_SCRIPT = ROOT / "deploy" / "certs" / "make-dev-certs.sh"
 GENERATED = {"./deploy/certs/ca.crt", "./deploy/certs/tls.crt", "./deploy/certs/tls.key"}
+OPCUA_SIMULATOR = ROOT / "deploy" / "opcua-simulator" / "well_simulator.py"
 
 TOP_LEVEL = {"name", "services", "volumes", "networks", "secrets", "configs"}
 SERVICE_KEYS = {
@@ -105,6 +113,18 @@ def port_of(address: str) -> int:
     return int(address.rpartition(":")[2])
 
 
+def load_well_simulator() -> ModuleType:
+    """deploy/opcua-simulator/well_simulator.py, imported (its folder is not a package)."""
+    name = "welltegra_well_simulator"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, OPCUA_SIMULATOR)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def agent_environment() -> dict[str, str]:
     """The agent container's environment, as compose would give it from .env.example."""
     environment = SERVICES["agent"]["environment"]
@@ -133,10 +153,9 @@ def test_top_level_and_service_keys_follow_the_compose_specification() -> None:
 
 def test_the_services_of_the_stack() -> None:
     assert set(SERVICES) == {
-        "postgres", "redis", "jaeger", "gateway", "envoy", "agent", "prometheus", "grafana",
+        "postgres", "redis", "jaeger", "gateway", "envoy", "opcua-simulator", "agent",
+        "prometheus", "grafana",
     }  # fmt: skip
-    # The OPC UA well simulator arrives with the OPC UA collector: no placeholder service.
-    assert not [name for name in SERVICES if "opc" in name or "simulator" in name]
 
 
 def test_every_service_has_a_health_check() -> None:
@@ -165,7 +184,8 @@ def test_start_order_waits_for_healthy_dependencies() -> None:
 
     assert healthy_needs("gateway") == {"postgres", "redis"}
     assert healthy_needs("envoy") == {"gateway"}
-    assert healthy_needs("agent") == {"envoy", "gateway"}
+    assert healthy_needs("opcua-simulator") == set()
+    assert healthy_needs("agent") == {"envoy", "gateway", "opcua-simulator"}
     assert healthy_needs("grafana") == {"prometheus"}
     # No cycle: every service can be started.
     started: set[str] = set()
@@ -308,9 +328,61 @@ def test_agent_config_loads_and_points_at_envoy_and_the_dev_issuer() -> None:
     check = SERVICES["agent"]["healthcheck"]["test"][3]
     assert f"http://127.0.0.1:{monitoring.health_check_port}/health" in check
     assert check in (ROOT / "edge" / "Dockerfile").read_text()
-    # The simulator stands in for the OPC UA well simulator: three wells.
+    # One source: the OPC UA well simulator (test_agent_reads_the_opcua_simulator).
     (source,) = config.data_sources
-    assert source.type == "simulator" and len(source.wells) == 3
+    assert isinstance(source, OpcUaConfig)
+
+
+def test_opcua_simulator_runs_the_script_from_the_agent_image() -> None:
+    simulator, agent = SERVICES["opcua-simulator"], SERVICES["agent"]
+    assert OPCUA_SIMULATOR.is_file()
+    # The agent's image: asyncua and edge.collectors.simulator, built the same way.
+    assert simulator["image"] == agent["image"] and simulator["build"] == agent["build"]
+    entrypoint = simulator["entrypoint"]
+    assert entrypoint[0] == "python"
+    script = Path(entrypoint[1])
+    assert mounts("opcua-simulator")[str(script.parent)] == "./deploy/opcua-simulator"
+    assert script.name == OPCUA_SIMULATOR.name
+    assert all(v.endswith(":ro") for v in simulator["volumes"]), "the script is mounted read-only"
+    command = simulator["command"]
+    endpoint = urlsplit(command[command.index("--endpoint") + 1])
+    assert (endpoint.scheme, endpoint.hostname) == ("opc.tcp", "0.0.0.0")
+    port = endpoint.port or 4840
+    # The health check opens a TCP connection to that port.
+    check = simulator["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "python", "-c"]
+    assert "socket.create_connection" in check[3] and f"('127.0.0.1', {port})" in check[3]
+    assert f"127.0.0.1:{port}:{port}" in simulator["ports"]
+    assert agent["depends_on"]["opcua-simulator"]["condition"] == "service_healthy"
+
+
+def test_agent_reads_the_opcua_simulator() -> None:
+    (source,) = load_agent_config(AGENT_CONFIG, agent_environment()).data_sources
+    assert isinstance(source, OpcUaConfig)
+    endpoint = urlsplit(source.connection.endpoint)
+    command = SERVICES["opcua-simulator"]["command"]
+    listen = urlsplit(command[command.index("--endpoint") + 1])
+    assert endpoint.hostname == "opcua-simulator" and endpoint.port == (listen.port or 4840)
+    # The only security mode the compose simulator offers (it is started without a certificate).
+    assert source.connection.security_mode == "None"
+    assert "--certificate" not in command
+    # Every configured tag is a variable of the simulator, with its well and parameter; all of
+    # them are configured; units come from the nodes' EngineeringUnits.
+    simulator = load_well_simulator()
+    variables = {t.node_id: t for t in simulator.simulated_tags()}
+    assert simulator.node_ids() == list(variables)
+    configured = {tag.node_id: tag for tag in source.tags}
+    assert set(configured) == set(variables)
+    for node_id, tag in configured.items():
+        variable = variables[node_id]
+        assert (tag.well_id, tag.parameter) == (variable.well_id, variable.parameter), node_id
+        assert tag.unit is None, f"{node_id}: the node's EngineeringUnits give the unit"
+    # Three wells, each with every parameter the agent's simulator makes.
+    wells = {tag.well_id for tag in source.tags}
+    assert len(wells) == 3
+    for well in wells:
+        parameters = [t.parameter for t in source.tags if t.well_id == well]
+        assert sorted(parameters) == sorted(SIMULATED_PARAMETERS)
 
 
 def test_agent_config_needs_the_client_credentials() -> None:
@@ -345,8 +417,9 @@ def test_readme_deployment_section_matches_the_files() -> None:
     assert "no Docker engine" in section
     # The images it builds are the ones the compose file runs, from the same Dockerfiles.
     for dockerfile, tag in re.findall(r"docker build -f (\S+) -t (\S+) \.", section):
-        (service,) = [s for s in SERVICES.values() if s.get("image") == tag]
-        assert service["build"]["dockerfile"] == dockerfile
+        services = [s for s in SERVICES.values() if s.get("image") == tag]
+        assert services, tag
+        assert all(s["build"]["dockerfile"] == dockerfile for s in services)
     # The tenant it creates is the agent's; every repository path it names exists.
     tenant = load_agent_config(AGENT_CONFIG, agent_environment()).tenant.id
     assert f"tenants create {tenant}" in section and f"--tenant {tenant}" in section
