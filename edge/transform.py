@@ -1,4 +1,4 @@
-"""Stage 2 of the agent's pipeline: readings become the contract's data points.
+"""Stage 2 of the agent's pipeline: readings become points, the contract's data points.
 
 A reading of a known parameter in an accepted unit is converted to the parameter's canonical
 unit (the registry's affine pint conversion) and flagged when outside the parameter's range; it
@@ -15,7 +15,8 @@ gateway refuse its whole batch. It is counted under one of these reasons:
 * ``bad_timestamp``: an instant outside RFC 3339's years 1 to 9999 in UTC.
 
 Timestamps: an aware datetime is converted exactly (microseconds kept); a naive one is taken as
-UTC. The ``source`` of a point is ``"<source>:<tag>"`` (or ``<source>`` for a reading without a
+UTC; readings in a row that share one datetime object (a CSV row's columns) are converted once.
+The ``source`` of a point is ``"<source>:<tag>"`` (or ``<source>`` for a reading without a
 tag), cut to the gateway's limit, NUL characters removed.
 """
 
@@ -27,10 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from edge.readings import Reading
+from edge.readings import Point, Reading
 from ingest_service.parameters import ParameterRegistry
 from ingest_service.validation import MAX_TEXT
-from welltegra.ingest.v1 import ingest_pb2
 
 __all__ = ["Transform", "TransformResult"]
 
@@ -47,7 +47,7 @@ _ROUTE_CACHE_LIMIT = 65_536
 class TransformResult:
     """The points of one ``apply`` and what happened to the readings that are not among them."""
 
-    points: list[ingest_pb2.DataPoint]
+    points: list[Point]
     # reason → count, for readings that cannot be sent (see the module docstring).
     skipped: Counter[str] = field(default_factory=Counter)
     # Points sent but outside the registry's range (the gateway quarantines them).
@@ -108,9 +108,10 @@ class Transform:
         points = result.points
         skipped = result.skipped
         routes = self._routes
-        make_point = ingest_pb2.DataPoint
         isfinite = math.isfinite
         out_of_range = unmapped = 0
+        last_timestamp: datetime | None = None
+        seconds = nanos = 0
         for reading in readings:
             value = reading.value
             if value is None:
@@ -130,8 +131,11 @@ class Transform:
                 skipped["not_finite"] += 1
                 continue
             timestamp = reading.timestamp
-            delta = timestamp - (_EPOCH if timestamp.tzinfo is not None else _EPOCH_NAIVE)
-            seconds = delta.days * 86_400 + delta.seconds
+            if timestamp is not last_timestamp:
+                last_timestamp = timestamp
+                delta = timestamp - (_EPOCH if timestamp.tzinfo is not None else _EPOCH_NAIVE)
+                seconds = delta.days * 86_400 + delta.seconds
+                nanos = delta.microseconds * 1000
             if not _TIMESTAMP_MIN <= seconds <= _TIMESTAMP_MAX:
                 skipped["bad_timestamp"] += 1
                 continue
@@ -139,18 +143,18 @@ class Transform:
                 unmapped += 1
             elif not route.low <= value <= route.high:
                 out_of_range += 1
-            point = make_point(
-                well_id=reading.well_id,
-                parameter_name=reading.parameter,
-                value=value,
-                unit=route.unit,
-                quality_code=reading.quality,
-                source=route.source,
+            points.append(
+                Point(
+                    reading.well_id,
+                    reading.parameter,
+                    seconds,
+                    nanos,
+                    value,
+                    route.unit,
+                    reading.quality,
+                    route.source,
+                )
             )
-            stamp = point.timestamp
-            stamp.seconds = seconds
-            stamp.nanos = delta.microseconds * 1000
-            points.append(point)
         result.out_of_range = out_of_range
         result.unmapped = unmapped
         return result

@@ -156,7 +156,8 @@ class TimestampParser:
                     instant = from_iso(text.strip())  # raises with Python's message
                 if instant.tzinfo is None:
                     return local(instant)
-                return instant.astimezone(UTC)
+                # "+00:00" and "Z" parse to the UTC singleton: nothing to convert.
+                return instant if instant.tzinfo is UTC else instant.astimezone(UTC)
 
             return parse_iso
         if fmt in ("unix", "unix_ms"):

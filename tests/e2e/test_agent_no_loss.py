@@ -8,6 +8,7 @@ must hold every tick from its first stored one to the last, once."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import signal
 from pathlib import Path
@@ -19,8 +20,8 @@ from edge.agent import Agent
 from edge.buffer import Buffer
 from edge.collectors.simulator import Simulator
 from edge.config import load_agent_config
+from edge.readings import Point
 from ingest_service.dev_issuer import ClientCredentials
-from welltegra.ingest.v1 import ingest_pb2
 
 from .stack import (
     GatewayServer,
@@ -168,12 +169,9 @@ async def test_a_refused_batch_is_dead_lettered_and_later_batches_flow(
     config = agent_config(
         tmp_path / "agent.yaml", server, tenant, client.client_id, client.client_secret, rate=5
     )
-    # A batch the gateway must refuse: a point without a value.
+    # A batch the gateway must refuse: a point whose value is not a number.
     buffer = await Buffer.open(tmp_path / "buffer.db", tenant_id=tenant)
-    poison = ingest_pb2.DataPoint(
-        well_id="WELL-001", parameter_name="hookload", unit="klbs",
-        timestamp={"seconds": 1_767_225_600},
-    )
+    poison = Point("WELL-001", "hookload", 1_767_225_600, 0, math.nan, "klbs", "GOOD", "manual")
     await buffer.append("manual", [poison])
     await buffer.close()
     agent = await finish(config)

@@ -13,31 +13,30 @@ import sys
 import textwrap
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from edge.buffer import Buffer
+from edge.readings import Point
 from welltegra.ingest.v1 import ingest_pb2
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
 
 
 def points(n: int, start: int = 0, well: str = "W-1", parameter: str = "hookload") -> list[
-    ingest_pb2.DataPoint
+    Point
 ]:
     return [
-        ingest_pb2.DataPoint(
-            well_id=well,
-            parameter_name=parameter,
-            timestamp={"seconds": T0 + i, "nanos": 0},
-            value=float(i % 500),
-            unit="klbs",
-            quality_code="GOOD",
-            source="sim:W-1.hookload",
-        )
+        Point(well, parameter, T0 + i, 0, float(i % 500), "klbs", "GOOD", "sim:W-1.hookload")
         for i in range(start, start + n)
     ]
+
+
+def incompressible(batch: list[Point]) -> list[Point]:
+    """``batch`` with random values: each 1,000 points cost about 9 KB."""
+    return [p._replace(value=int.from_bytes(os.urandom(6), "big") / 7.0) for p in batch]
 
 
 def decode(payload: bytes) -> ingest_pb2.IngestRequest:
@@ -73,6 +72,33 @@ async def test_concurrent_appends_share_one_batch(tmp_path: Path) -> None:
         await asyncio.gather(*(buffer.append(f"s{i}", points(10, 10 * i)) for i in range(5)))
         pending = await buffer.pending(limit=10)
         assert len(pending) == 1 and pending[0].point_count == 50
+    finally:
+        await buffer.close()
+
+
+async def test_a_bulk_append_tops_up_the_open_batch_and_seals_all_at_once(
+    tmp_path: Path,
+) -> None:
+    # A long linger: only the bulk append can seal the small append's batch in time.
+    buffer = await open_buffer(tmp_path / "b.db", batch_max_points=100, linger=60)
+    counted: Counter[str] = Counter()
+    buffer.on_sealed = counted.update
+    try:
+        small = asyncio.create_task(buffer.append("opc", points(30, well="W-2"), {"sub": "7"}))
+        await asyncio.sleep(0.05)
+        assert not small.done()  # waiting in the open batch
+        await buffer.append("csv", points(250), {"file": "a.csv:250"})
+        await asyncio.wait_for(small, timeout=5)
+        pending = await buffer.pending(limit=10)
+        assert [b.point_count for b in pending] == [100, 100, 80]
+        assert [b.sequence for b in pending] == [1, 2, 3]
+        first = decode(pending[0].payload)
+        assert [p.well_id for p in first.data_points] == ["W-2"] * 30 + ["W-1"] * 70
+        last = decode(pending[2].payload)
+        assert [p.timestamp.seconds - T0 for p in last.data_points] == list(range(170, 250))
+        assert counted == {"opc": 30, "csv": 250}
+        assert await buffer.watermark("csv", "file") == "a.csv:250"
+        assert await buffer.watermark("opc", "sub") == "7"
     finally:
         await buffer.close()
 
@@ -146,11 +172,7 @@ async def test_size_cap_drops_the_oldest_and_records_exactly_what_was_lost(
     try:
         sent = 0
         for _ in range(60):
-            # Random values do not compress: each batch costs about 9 KB.
-            batch = points(1000, sent)
-            for p in batch:
-                p.value = int.from_bytes(os.urandom(6), "big") / 7.0
-            await buffer.append("sim", batch)
+            await buffer.append("sim", incompressible(points(1000, sent)))
             sent += 1000
         stats = await buffer.stats()
         assert stats.used_bytes <= cap
@@ -204,10 +226,7 @@ async def test_block_policy_holds_collection_until_uploads_free_space(tmp_path: 
     try:
         written = 0
         while (await buffer.stats()).used_bytes <= cap:
-            batch = points(1000, written)
-            for p in batch:
-                p.value = int.from_bytes(os.urandom(6), "big") / 7.0
-            await buffer.append("sim", batch)
+            await buffer.append("sim", incompressible(points(1000, written)))
             written += 1000
         blocked = asyncio.create_task(buffer.append("sim", points(10, written)))
         await asyncio.sleep(0.5)

@@ -9,10 +9,11 @@ import pytest
 
 from edge import transform as transform_module
 from edge.collectors.simulator import Simulator, SimulatorConfig
-from edge.readings import Quality, Reading
+from edge.readings import Point, Quality, Reading, add_points
 from edge.transform import Transform
 from ingest_service.parameters import ParameterRegistry
 from ingest_service.validation import MAX_POINTS, MAX_TEXT, Validator
+from welltegra.ingest.v1 import ingest_pb2
 
 T0 = datetime(2025, 6, 1, 12, 30, 15, 123_456, tzinfo=UTC)
 
@@ -28,6 +29,13 @@ def reading(
     tag: str = "",
 ) -> Reading:
     return Reading(well_id, parameter, timestamp, value, unit, quality, tag)
+
+
+def as_messages(points: list[Point]) -> list[ingest_pb2.DataPoint]:
+    """The points as the buffer writes them into a batch."""
+    request = ingest_pb2.IngestRequest()
+    add_points(request.data_points, points)
+    return list(request.data_points)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +167,7 @@ def test_strings_at_the_limit_are_sent(transform: Transform) -> None:
 def test_timestamps_keep_every_microsecond(
     transform: Transform, timestamp: datetime, seconds: int, nanos: int
 ) -> None:
-    (point,) = transform.apply([reading(timestamp=timestamp)]).points
+    (point,) = as_messages(transform.apply([reading(timestamp=timestamp)]).points)
     assert (point.timestamp.seconds, point.timestamp.nanos) == (seconds, nanos)
     expected = timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=UTC)
     assert point.timestamp.ToDatetime(tzinfo=UTC) == expected
@@ -184,7 +192,7 @@ def test_point_fields_and_quality(transform: Transform) -> None:
     result = transform.apply(
         [reading(quality=Quality.BAD, tag="t"), reading(quality=Quality.UNCERTAIN)]
     )
-    first, second = result.points
+    first, second = as_messages(result.points)
     assert first.well_id == "WELL-001"
     assert first.HasField("value") and first.value == 2_000.0
     assert [first.quality_code, second.quality_code] == ["BAD", "UNCERTAIN"]
@@ -228,8 +236,9 @@ def test_simulated_points_pass_the_gateway_validation(registry: ParameterRegistr
     assert 0 < result.out_of_range < len(readings) * 0.1
     validator = Validator(registry, future_tolerance=timedelta(minutes=5))
     rejected = 0
-    for start in range(0, len(result.points), MAX_POINTS):
-        batch = validator.validate(result.points[start : start + MAX_POINTS], now=now)
+    messages = as_messages(result.points)
+    for start in range(0, len(messages), MAX_POINTS):
+        batch = validator.validate(messages[start : start + MAX_POINTS], now=now)
         rejected += len(batch.rejected)
         for stored in batch.accepted:
             assert stored.value == stored.original_value  # already canonical
