@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from edge.agent import SourceSink
+from edge.agent import SourceSink, freeze_long_lived
 from edge.buffer import Buffer
 from edge.collectors.file_watcher import FileWatcher, FileWatcherConfig
 from edge.metrics import AgentMetrics
@@ -132,7 +132,7 @@ def ceiling(path: Path) -> float:
 
 
 async def through(work: Path, master: Path, rows: int, columns: int | None,
-                  chunk_rows: int) -> float:
+                  chunk_rows: int, registry: ParameterRegistry) -> float:
     """Rows/s of one file through the collector, into the buffer (or, with ``columns`` None,
     three columns into a counting sink)."""
     path = fresh_copy(work, master)
@@ -148,7 +148,7 @@ async def through(work: Path, master: Path, rows: int, columns: int | None,
     database = work / "buffer.db"
     buffer = await Buffer.open(database, tenant_id=TENANT)
     try:
-        sink = SourceSink("csv", Transform(ParameterRegistry(), "csv"), buffer,
+        sink = SourceSink("csv", Transform(registry, "csv"), buffer,
                           AgentMetrics(TENANT))
         started = time.perf_counter()
         report = await collector.process_file(path, sink)
@@ -164,7 +164,8 @@ async def through(work: Path, master: Path, rows: int, columns: int | None,
     return report.rows / elapsed
 
 
-async def buffer_ceiling(work: Path, master: Path, rows: int, chunk_rows: int) -> float:
+async def buffer_ceiling(work: Path, master: Path, rows: int, chunk_rows: int,
+                         registry: ParameterRegistry) -> float:
     """Rows/s of transform → buffer alone, 3 columns: the first chunk of the file, parsed
     once, emitted again and again (``rows`` rows in all), as if reading cost nothing."""
     path = fresh_copy(work, master)
@@ -182,7 +183,7 @@ async def buffer_ceiling(work: Path, master: Path, rows: int, chunk_rows: int) -
     await watcher(work, 3, chunk_rows).process_file(path, FirstChunk())
     buffer = await Buffer.open(work / "buffer.db", tenant_id=TENANT)
     try:
-        sink = SourceSink("csv", Transform(ParameterRegistry(), "csv"), buffer,
+        sink = SourceSink("csv", Transform(registry, "csv"), buffer,
                           AgentMetrics(TENANT))
         started = time.perf_counter()
         for n in range(rows // chunk_rows):
@@ -205,19 +206,26 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         write_file(master, args.rows)
         size = master.stat().st_size
         progress(f"{size / 1e6:.1f} MB")
+        registry = ParameterRegistry()
+        if not args.no_freeze:
+            freeze_long_lived()  # as ``welltegra-agent run`` does once the agent has started
         results: dict[str, list[float]] = {
             "ceiling": [], "parse": [], "buffer": [], "three": [], "one": []
         }
         for run in range(1, args.runs + 1):
             results["ceiling"].append(ceiling(master))
             results["parse"].append(
-                await through(work, master, args.rows, None, args.chunk_rows)
+                await through(work, master, args.rows, None, args.chunk_rows, registry)
             )
             results["buffer"].append(
-                await buffer_ceiling(work, master, args.rows, args.chunk_rows)
+                await buffer_ceiling(work, master, args.rows, args.chunk_rows, registry)
             )
-            results["three"].append(await through(work, master, args.rows, 3, args.chunk_rows))
-            results["one"].append(await through(work, master, args.rows, 1, args.chunk_rows))
+            results["three"].append(
+                await through(work, master, args.rows, 3, args.chunk_rows, registry)
+            )
+            results["one"].append(
+                await through(work, master, args.rows, 1, args.chunk_rows, registry)
+            )
             progress(
                 f"run {run}: csv module {results['ceiling'][-1]:,.0f}, parse only "
                 f"{results['parse'][-1]:,.0f}, transform → buffer only "
@@ -250,6 +258,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "file_mb": round(size / 1e6, 1),
         "chunk_rows": args.chunk_rows,
         "runs": args.runs,
+        "gc_frozen": not args.no_freeze,
     }
 
 
@@ -258,5 +267,8 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--chunk-rows", type=int, default=5_000)
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="leave the objects made at start to the cyclic garbage collector "
+                        "(the agent freezes them: edge.agent.freeze_long_lived)")
     figures = asyncio.run(main(parser.parse_args()))
     print(json.dumps(figures))

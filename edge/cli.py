@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from edge.agent import Agent, open_buffer, token_client, uploader_settings
+from edge.agent import Agent, freeze_long_lived, open_buffer, token_client, uploader_settings
 from edge.buffer import BufferError, BufferStats
 from edge.collectors.base import CollectorError
 from edge.config import AgentConfig, AgentConfigError, LoggingConfig, load_agent_config
@@ -121,6 +121,7 @@ async def _run(config: AgentConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await agent.start()
+        freeze_long_lived()
         await stop.wait()
         log.info("stopping: sealing open data, unsent batches stay in the buffer")
     finally:
