@@ -2,6 +2,7 @@
 buffer (real SQLite), beside the ceiling of Python's csv module reading the same file.
 
     .venv/bin/python bench/csv_ingest.py [--rows 1000000] [--runs 1] [--chunk-rows 5000]
+                                         [--no-freeze]
 
 The file has a timestamp (ISO 8601 with offset), a well id, three numeric columns and a text
 column, like a rig's export. Each run measures, on the same file:
@@ -15,13 +16,15 @@ column, like a rig's export. Each run measures, on the same file:
   costs per row, the ceiling of the 3-column path if reading the file cost nothing.
 * **3 columns → buffer**: the whole agent path for the three mapped columns (3 points a row):
   ``FileWatcher`` → ``SourceSink`` (``Transform``: unit conversion and range check into
-  protobuf points) → ``Buffer`` (sealed, compressed 1,000-point batches committed to SQLite in
+  points) → ``Buffer`` (sealed, compressed 1,000-point batches committed to SQLite in
   WAL mode, the file's progress committed with them); the clock stops when the file has been
   archived, i.e. when every point is durable in the buffer.
 * **1 column → buffer**: the same with one mapped column (1 point a row).
 
-Rows/s is rows over wall time. After each run the buffer's pending points are counted: every
-row must be there once per mapped column, or the benchmark fails. The target is
+Before the runs, the objects made so far are frozen out of the cyclic garbage collector's sight,
+as ``welltegra-agent run`` does once the agent has started (``--no-freeze`` leaves them: a third
+slower). Rows/s is rows over wall time. After each run the buffer's pending points are counted:
+every row must be there once per mapped column, or the benchmark fails. The target is
 ``rows_per_s >= 50000`` for the 3-column file (the figure the JSON line calls ``rows_per_s``).
 
 Progress goes to stderr. Stdout is a table, then exactly one line of JSON, the last line:
