@@ -57,11 +57,11 @@ from decimal import Decimal
 from operator import methodcaller
 from pathlib import Path
 from stat import S_ISREG
-from typing import IO, Any, Literal
+from typing import IO, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import watchfiles
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge.collectors.base import Collector, CollectorError, ReadingSink, SourceConfig
 from edge.readings import Quality, Reading
@@ -73,6 +73,8 @@ __all__ = [
     "FileReport",
     "FileWatcher",
     "FileWatcherConfig",
+    "TimeZoneName",
+    "TimestampFormat",
     "TimestampParser",
     "check_timestamp_format",
     "check_timezone",
@@ -119,6 +121,11 @@ def check_timezone(value: str) -> str:
             f"{value!r} is not a time zone name such as 'UTC' or 'Europe/London'"
         ) from None
     return value
+
+
+# Configuration fields checked by the functions above (the file_watcher and sql sources).
+TimestampFormat = Annotated[str, AfterValidator(check_timestamp_format)]
+TimeZoneName = Annotated[str, AfterValidator(check_timezone)]
 
 
 def _zone(name: str) -> tzinfo:
@@ -231,23 +238,13 @@ class FileWatcherConfig(SourceConfig):
     well_id_column: str | None = Field(default=None, min_length=1)
     well_id_pattern: str | None = Field(default=None, min_length=1)
     timestamp_column: str = Field(min_length=1)
-    timestamp_format: str = "iso"
-    timezone: str = "UTC"
+    timestamp_format: TimestampFormat = "iso"
+    timezone: TimeZoneName = "UTC"
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     decimal_separator: Literal[".", ","] = "."
     encoding: str = "utf-8-sig"
     chunk_rows: int = Field(default=5_000, ge=1, le=100_000)
     mapping: tuple[CsvColumn, ...]
-
-    @field_validator("timestamp_format")
-    @classmethod
-    def _format(cls, value: str) -> str:
-        return check_timestamp_format(value)
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone(cls, value: str) -> str:
-        return check_timezone(value)
 
     @field_validator("encoding")
     @classmethod

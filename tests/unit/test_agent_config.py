@@ -3,7 +3,10 @@ at once as ``<file>: <path>: <reason>``, never with a secret in it."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -520,3 +523,46 @@ def test_the_example_shows_every_key(model: type[BaseModel], page: Path, sample:
     example = sample.read_text(encoding="utf-8")
     for name in own_fields(model):
         assert re.search(rf"^[ #-]*{name}:", example, re.MULTILINE), name
+
+
+# Each protocol library is loaded only when a source of its type is configured and built: an
+# agent reading one system does not carry the others (asyncua and SQLAlchemy are 30 MiB each).
+PROTOCOL_LIBRARIES = ["aiomqtt", "asyncua", "pymodbus", "sqlalchemy"]
+LOADED_LIBRARIES = """
+import json, sys
+from pathlib import Path
+from edge.config import load_agent_config
+config = load_agent_config(Path(sys.argv[1]), environ={"SECRET": "s"})
+for source in config.enabled_sources():
+    source.build()
+print(json.dumps([name for name in sys.argv[2:] if name in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("sources", "expected"),
+    [
+        ("[]", []),
+        ("[{name: sim, type: simulator}]", []),
+        ("[{name: drop, type: file_watcher, watch_directory: in, archive_directory: out,"
+         " timestamp_column: t, well_id_column: w,"
+         " mapping: [{csv_column: p, parameter: wellhead_pressure, unit: psi}]}]", []),
+        ("[{name: rtu, type: modbus, host: 127.0.0.1, registers: [{address: 0, data_type: uint16,"
+         " parameter: wellhead_pressure, unit: psi, well_id: W-1}]}]", ["pymodbus"]),
+        ("[{name: scada, type: opcua, connection: {endpoint: 'opc.tcp://127.0.0.1:4840',"
+         " security_mode: None}, tags: [{node_id: 'ns=2;i=1', parameter: wellhead_pressure,"
+         " well_id: W-1}]}]", ["asyncua"]),
+    ],
+    ids=["none", "simulator", "file_watcher", "modbus", "opcua"],
+)
+def test_protocol_libraries_load_only_for_their_sources(
+    tmp_path: Path, sources: str, expected: list[str]
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(MINIMAL + f"data_sources: {sources}\n", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_LIBRARIES, str(path), *PROTOCOL_LIBRARIES],
+        capture_output=True, text=True, cwd=ROOT, check=False, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == expected
