@@ -1,6 +1,9 @@
 """Helpers shared by the collector integration tests (tests/integration/test_collector_*.py):
 an in-memory ``ReadingSink``, ``running()`` for a collector as a task, the smallest agent
-configuration a sample's ``data_sources`` can be loaded into, and ``free_port``."""
+configuration a sample's ``data_sources`` can be loaded into (``agent_file()`` writes it with
+given sources), ``load_sample()`` to load a
+collector's sample config into it, ``sample_text()`` for the part of a sample its doc page
+shows, and ``free_port``."""
 
 from __future__ import annotations
 
@@ -8,13 +11,27 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from edge.collectors.base import Collector, CollectorError, ReadingSink
+from edge.config import AgentConfig, load_agent_config
 from edge.readings import Reading
 from tests.e2e.stack import free_port
 
-__all__ = ["MINIMAL_AGENT", "MemorySink", "free_port", "running"]
+__all__ = [
+    "MINIMAL_AGENT",
+    "MemorySink",
+    "agent_file",
+    "free_port",
+    "load_sample",
+    "running",
+    "sample_text",
+]
+
+SAMPLES = Path(__file__).parents[1] / "edge" / "collectors" / "samples"
 
 MINIMAL_AGENT: dict[str, Any] = {
     "tenant": {"id": "acme_oil"},
@@ -25,6 +42,27 @@ MINIMAL_AGENT: dict[str, Any] = {
         "client_secret": "secret",
     },
 }
+
+
+def agent_file(tmp_path: Path, sources: Sequence[Mapping[str, Any]]) -> Path:
+    """``tmp_path / "agent.yaml"``: ``MINIMAL_AGENT`` with ``sources`` as its ``data_sources``."""
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL_AGENT, "data_sources": list(sources)}))
+    return path
+
+
+def load_sample(tmp_path: Path, name: str, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """edge/collectors/samples/<name>.yaml's ``data_sources`` loaded into ``MINIMAL_AGENT``,
+    as the agent would load them (``environ`` as ``load_agent_config`` takes it)."""
+    sample = yaml.safe_load((SAMPLES / f"{name}.yaml").read_text(encoding="utf-8"))
+    return load_agent_config(agent_file(tmp_path, sample["data_sources"]), environ=environ)
+
+
+def sample_text(name: str) -> str:
+    """edge/collectors/samples/<name>.yaml from ``data_sources:`` on, as docs/collectors/<name>.md
+    shows it (Telegraf's sample.conf habit)."""
+    text = (SAMPLES / f"{name}.yaml").read_text(encoding="utf-8")
+    return text[text.index("data_sources:") :]
 
 
 class MemorySink:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from edge.collectors.base import CollectorError
@@ -32,12 +31,10 @@ from edge.collectors.file_watcher import (
     FileWatcherConfig,
     TimestampParser,
 )
-from edge.config import load_agent_config
 from edge.readings import Quality, Reading
-from tests.collector_support import MemorySink
+from tests.collector_support import MemorySink, load_sample, sample_text
 
 ROOT = Path(__file__).parents[2]
-SAMPLE = ROOT / "edge" / "collectors" / "samples" / "file_watcher.yaml"
 HEADER = "Timestamp,Well,Wellhead Pressure (psi),Hookload (klbs),Comment\n"
 T0 = datetime(2026, 2, 1, 0, 0, tzinfo=UTC)
 
@@ -470,21 +467,10 @@ async def test_probe_says_what_is_waiting(tmp_path: Path) -> None:
 
 
 def test_the_sample_config_loads(tmp_path: Path) -> None:
-    text = SAMPLE.read_text()
     # The documentation shows the sample as it is (Telegraf's sample.conf habit).
     doc = (ROOT / "docs" / "collectors" / "file_watcher.md").read_text()
-    assert text[text.index("data_sources:"):] in doc
-    source = yaml.safe_load(text)
-    agent = {
-        "tenant": {"id": "operator_test"},
-        "api": {"grpc_target": "127.0.0.1:50051"},
-        "oauth": {"token_url": "https://id.example.com/token", "client_id": "a",
-                  "client_secret": "s"},
-        "data_sources": source["data_sources"],
-    }
-    path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump(agent))
-    config = load_agent_config(path, environ={})
+    assert sample_text("file_watcher") in doc
+    config = load_sample(tmp_path, "file_watcher", environ={})
     [watcher_config] = config.data_sources
     assert isinstance(watcher_config, FileWatcherConfig)
     assert watcher_config.settle_time == timedelta(seconds=2)

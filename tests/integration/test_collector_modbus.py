@@ -16,19 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from edge.collectors.base import CollectorError
 from edge.collectors.modbus import Modbus, ModbusConfig, decode, plan_blocks
-from edge.config import load_agent_config
 from edge.readings import Quality, Reading
-from tests.collector_support import MINIMAL_AGENT, MemorySink, free_port, running
+from tests.collector_support import MemorySink, free_port, load_sample, running, sample_text
 
 ROOT = Path(__file__).parents[2]
-SAMPLE = ROOT / "edge" / "collectors" / "samples" / "modbus.yaml"
 PAGE = ROOT / "docs" / "collectors" / "modbus.md"
 
 def _runs(registers: Mapping[int, int]) -> list[SimData]:
@@ -499,10 +496,7 @@ def test_bad_configs_fail_at_load(keys: dict[str, Any], problem: str) -> None:
 
 
 def test_the_sample_loads(tmp_path: Path) -> None:
-    sample = yaml.safe_load(SAMPLE.read_text(encoding="utf-8"))
-    path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump({**MINIMAL_AGENT, "data_sources": sample["data_sources"]}))
-    loaded = load_agent_config(path, environ={})
+    loaded = load_sample(tmp_path, "modbus", environ={})
     [source] = loaded.data_sources
     assert isinstance(source, ModbusConfig)
     assert len(source.registers) >= 3
@@ -512,6 +506,5 @@ def test_the_sample_loads(tmp_path: Path) -> None:
 
 def test_the_page_shows_the_sample() -> None:
     page = PAGE.read_text(encoding="utf-8")
-    sample = SAMPLE.read_text(encoding="utf-8")
     shown = page.split("```yaml\n", 1)[1].split("```", 1)[0]
-    assert shown == sample[sample.index("data_sources:") :]
+    assert shown == sample_text("modbus")

@@ -21,7 +21,6 @@ from typing import Any
 
 import aiomqtt
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,14 +29,12 @@ from cryptography.x509.oid import NameOID
 from edge.collectors.base import CollectorError
 from edge.collectors.mqtt import REBIRTH_METRIC, Mqtt, MqttConfig, parse_timestamp
 from edge.collectors.mqtt._schema import payload_class
-from edge.config import load_agent_config
 from edge.readings import Quality, Reading
-from tests.collector_support import MINIMAL_AGENT, MemorySink
+from tests.collector_support import MemorySink, load_sample, sample_text
 from tests.collector_support import running as running_task
 
 BROKER = ("127.0.0.1", 1883)
 ROOT = Path(__file__).parents[2]
-SAMPLE = ROOT / "edge" / "collectors" / "samples" / "mqtt.yaml"
 PAGE = ROOT / "docs" / "collectors" / "mqtt.md"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -814,10 +811,7 @@ def test_bad_configs_fail_at_load(keys: dict[str, Any], problem: str) -> None:
 
 
 def test_the_sample_loads(tmp_path: Path) -> None:
-    sample = yaml.safe_load(SAMPLE.read_text(encoding="utf-8"))
-    path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump({**MINIMAL_AGENT, "data_sources": sample["data_sources"]}))
-    loaded = load_agent_config(path, environ={"MQTT_PASSWORD": "from-the-environment"})
+    loaded = load_sample(tmp_path, "mqtt", environ={"MQTT_PASSWORD": "from-the-environment"})
     [source] = loaded.data_sources
     assert isinstance(source, MqttConfig)
     assert source.password is not None
@@ -828,6 +822,5 @@ def test_the_sample_loads(tmp_path: Path) -> None:
 
 def test_the_page_shows_the_sample() -> None:
     page = PAGE.read_text(encoding="utf-8")
-    sample = SAMPLE.read_text(encoding="utf-8")
     shown = page.split("```yaml\n", 1)[1].split("```", 1)[0]
-    assert shown == sample[sample.index("data_sources:") :]
+    assert shown == sample_text("mqtt")

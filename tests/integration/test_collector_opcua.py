@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-import yaml
 from asyncua import ua
 from asyncua.common.node import Node
 from asyncua.crypto import cert_gen
@@ -46,8 +45,6 @@ from edge.readings import Quality
 from tests import collector_support as support
 from tests.collector_support import free_port, running
 
-ROOT = Path(__file__).parents[2]
-SAMPLE = ROOT / "edge" / "collectors" / "samples" / "opcua.yaml"
 NAMESPACE = "urn:welltegra:test:opcua"
 USER, PASSWORD = "operator", "s3cret-pass"
 
@@ -851,30 +848,9 @@ async def test_probe_failures_say_why(opcua_server: OpcUaTestServer, tmp_path: P
 # --- configuration --------------------------------------------------------------------------------
 
 
-def _agent_file(tmp_path: Path, sources: list[dict[str, Any]]) -> Path:
-    path = tmp_path / "agent.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "tenant": {"id": "acme_oil"},
-                "api": {"grpc_target": "127.0.0.1:1"},
-                "oauth": {
-                    "token_url": "http://127.0.0.1:1/token",
-                    "client_id": "agent",
-                    "client_secret": "not-a-secret",
-                },
-                "data_sources": sources,
-            }
-        )
-    )
-    return path
-
-
 def test_the_sample_config_loads(tmp_path: Path) -> None:
-    sample = yaml.safe_load(SAMPLE.read_text())
-    config = load_agent_config(
-        _agent_file(tmp_path, sample["data_sources"]),
-        environ={"SCADA_USERNAME": "op", "SCADA_PASSWORD": "pw"},
+    config = support.load_sample(
+        tmp_path, "opcua", environ={"SCADA_USERNAME": "op", "SCADA_PASSWORD": "pw"}
     )
     [scada] = config.data_sources
     assert isinstance(scada, OpcUaConfig)
@@ -957,7 +933,7 @@ def test_bad_configs_are_refused_with_their_path(
     tmp_path: Path, entry: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(AgentConfigError) as caught:
-        load_agent_config(_agent_file(tmp_path, [entry]))
+        load_agent_config(support.agent_file(tmp_path, [entry]))
     assert f": data_sources[0] (scada){message}" in str(caught.value), str(caught.value)
 
 
@@ -965,5 +941,5 @@ def test_the_password_is_never_shown(tmp_path: Path) -> None:
     entry = _with(
         connection={**_GOOD["connection"], "username": "op", "password": "hunter2-secret"}
     )
-    config = load_agent_config(_agent_file(tmp_path, [entry]))
+    config = load_agent_config(support.agent_file(tmp_path, [entry]))
     assert "hunter2-secret" not in repr(config) and "hunter2-secret" not in config.summary()

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from edge.collectors.base import Collector, CollectorError
 from edge.collectors.pi_webapi import PiTag, PiWebApiCollector, PiWebApiConfig
@@ -26,8 +25,6 @@ from ingest_service.parameters import ParameterRegistry
 from tests import collector_support as support
 from tests.pi_webapi_server import PiWebApiServer
 
-ROOT = Path(__file__).parents[2]
-SAMPLE = ROOT / "edge" / "collectors" / "samples" / "pi_webapi.yaml"
 PRESSURE = "\\\\PISRV\\WH-001.PT-101"
 HOOKLOAD = "\\\\PISRV\\WH-001.WT-201"
 TEMPERATURE = "\\\\PISRV\\WH-002.TT-301"
@@ -116,27 +113,8 @@ def tag(path: str, parameter: str = "wellhead_pressure", **keys: str) -> dict[st
 # Configuration ----------------------------------------------------------------------------
 
 
-def _wrapped(tmp_path: Path, sources: list[Any]) -> Path:
-    path = tmp_path / "agent.yaml"
-    config = {
-        "tenant": {"id": "acme"},
-        "api": {"grpc_target": "127.0.0.1:50051", "tls": {"enabled": False}},
-        "oauth": {
-            "token_url": "http://127.0.0.1:9/oauth/token",
-            "client_id": "agent",
-            "client_secret": "s3cret",
-        },
-        "data_sources": sources,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def test_the_sample_config_loads_with_its_documented_defaults(tmp_path: Path) -> None:
-    sources = yaml.safe_load(SAMPLE.read_text())["data_sources"]
-    config = load_agent_config(
-        _wrapped(tmp_path, sources), environ={"PI_WEBAPI_PASSWORD": "pw"}
-    )
+    config = support.load_sample(tmp_path, "pi_webapi", environ={"PI_WEBAPI_PASSWORD": "pw"})
     [pi] = config.data_sources
     assert isinstance(pi, PiWebApiConfig)
     assert pi.password is not None and pi.password.get_secret_value() == "pw"
@@ -184,7 +162,7 @@ def test_config_problems_are_reported_with_their_path(
     tmp_path: Path, change: dict[str, Any], expected: str
 ) -> None:
     with pytest.raises(AgentConfigError) as caught:
-        load_agent_config(_wrapped(tmp_path, [{**_GOOD, **change}]), environ={})
+        load_agent_config(support.agent_file(tmp_path, [{**_GOOD, **change}]), environ={})
     message = str(caught.value)
     assert "data_sources[0] (pi)" in message
     assert expected in message

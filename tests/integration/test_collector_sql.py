@@ -32,10 +32,9 @@ from edge.collectors.base import CollectorError
 from edge.collectors.sql import SqlCollector, SqlConfig, watermark_key
 from edge.config import AgentConfigError, load_agent_config
 from edge.readings import Quality
-from tests.collector_support import MemorySink
+from tests.collector_support import MemorySink, load_sample, sample_text
 
 ROOT = Path(__file__).parents[2]
-SAMPLE = ROOT / "edge" / "collectors" / "samples" / "sql.yaml"
 MARIADB_URL = os.environ.get("MARIADB_URL", "mysql+aiomysql://root@127.0.0.1:3306/test")
 BASE = datetime(2026, 3, 1, 6, 0, 0)  # naive: the tables hold times without a time zone
 
@@ -400,22 +399,11 @@ async def poll(condition: Any, timeout: float = 10) -> None:
 
 
 def test_the_sample_config_loads(tmp_path: Path) -> None:
-    text = SAMPLE.read_text()
     # The documentation shows the sample as it is (Telegraf's sample.conf habit).
     doc = (ROOT / "docs" / "collectors" / "sql.md").read_text()
-    assert text[text.index("data_sources:"):] in doc
-    source = yaml.safe_load(text)
-    agent = {
-        "tenant": {"id": "operator_test"},
-        "api": {"grpc_target": "127.0.0.1:50051"},
-        "oauth": {"token_url": "https://id.example.com/token", "client_id": "a",
-                  "client_secret": "${SECRET}"},
-        "data_sources": source["data_sources"],
-    }
-    path = tmp_path / "agent.yaml"
-    path.write_text(yaml.safe_dump(agent))
-    environ = {"SECRET": "x", "SQL_USERNAME": "reader", "SQL_PASSWORD": "pw-from-env"}
-    config = load_agent_config(path, environ=environ)
+    assert sample_text("sql") in doc
+    environ = {"SQL_USERNAME": "reader", "SQL_PASSWORD": "pw-from-env"}
+    config = load_sample(tmp_path, "sql", environ=environ)
     [source_config] = config.data_sources
     assert isinstance(source_config, SqlConfig)
     assert [q.name for q in source_config.queries] == ["daily_drilling_report"]
