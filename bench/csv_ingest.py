@@ -101,6 +101,9 @@ class CountingSink:
     async def watermark(self, key: str) -> str | None:
         return self.marks.get(key)
 
+    def reject(self, reason: str, count: int = 1) -> None:
+        raise AssertionError(f"{count} records rejected ({reason})")
+
 
 def watcher(work: Path, columns: int, chunk_rows: int) -> FileWatcher:
     config = FileWatcherConfig(

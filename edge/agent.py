@@ -74,6 +74,9 @@ class SourceSink:
     async def watermark(self, key: str) -> str | None:
         return await self._buffer.watermark(self._source, key)
 
+    def reject(self, reason: str, count: int = 1) -> None:
+        self._metrics.records_rejected.labels(source=self._source, reason=reason).inc(count)
+
 
 def uploader_settings(config: AgentConfig) -> UploaderSettings:
     api, retry = config.api, config.retry

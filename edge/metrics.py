@@ -129,6 +129,13 @@ class AgentMetrics:
             ["source", "reason"],
             registry=registry,
         )
+        self.records_rejected = Counter(
+            "ingestion_source_records_rejected_total",
+            "Records a data source gave that its collector could not read (CSV rows, MQTT "
+            "payload problems), by reason",
+            ["source", "reason"],
+            registry=registry,
+        )
         self.points_out_of_range = Counter(
             "ingestion_data_points_out_of_range_total",
             "Data points outside their parameter's expected range (sent, flagged)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -80,6 +81,7 @@ class MemorySink:
         self.watermarks: dict[str, str] = dict(watermarks or {})
         self.emits = 0
         self.count = 0
+        self.rejected: Counter[str] = Counter()
 
     async def emit(
         self, readings: Sequence[Reading], watermarks: Mapping[str, str] | None = None
@@ -92,6 +94,9 @@ class MemorySink:
 
     async def watermark(self, key: str) -> str | None:
         return self.watermarks.get(key)
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        self.rejected[reason] += count
 
     def identities(self) -> list[tuple[str, str, datetime]]:
         return [(r.well_id, r.parameter, r.timestamp) for r in self.readings]

@@ -45,6 +45,13 @@ class ReadingSink(Protocol):
         """The watermark last stored for ``key`` by this source, or None."""
         ...
 
+    def reject(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` records of the source the collector could not read (a CSV row, an
+        MQTT payload's problem), by ``reason``: a short fixed name such as ``not_numeric``,
+        never text from the record (it becomes a metric label). The collector reports the
+        details itself (log, rejected-rows file)."""
+        ...
+
 
 class Collector(Protocol):
     """A running source. ``run`` reads until cancelled; ``probe`` checks it can connect."""

@@ -50,6 +50,7 @@ import re
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
@@ -369,6 +370,7 @@ class FileReport:
 class _Chunk:
     readings: list[Reading] = field(default_factory=list)
     done: bool = False
+    rejected: Counter[str] = field(default_factory=Counter)  # rows rejected, by reason
 
 
 class _FileRejected(Exception):
@@ -395,6 +397,7 @@ class _CsvFile:
         # plus lines the reader never counted (they could not be decoded).
         self._line_base = 0
         self._undecodable = 0
+        self._rejected: Counter[str] = Counter()  # this chunk's rejected rows, by reason
         self._header: list[str] = []
         self._parse_time = TimestampParser(config.timestamp_format, config.timezone).parse
         try:
@@ -496,15 +499,14 @@ class _CsvFile:
             self._report_writer = csv.writer(self._report)
             self._report_writer.writerow(["line", "reason", *self._header])
 
-    def _reject(self, line: int, reason: str, row: list[str]) -> None:
+    def _reject(self, line: int, kind: str, reason: str, row: list[str]) -> None:
+        """Report the row at ``line`` with its ``reason``, and count it by ``kind`` (the
+        reason's fixed name, for the agent's metric)."""
         if self._report is None:
             self._open_report(0)
         self._report_writer.writerow([line, reason, *row])
         self._progress.rejected += 1
-
-    def reject_file(self, reason: str) -> None:
-        """Write the report of a file rejected as a whole."""
-        self._reject(0, reason, [])
+        self._rejected[kind] += 1
 
     def next_chunk(self) -> _Chunk:
         """Read up to ``chunk_rows`` rows; their readings, and whether the file is done."""
@@ -541,10 +543,10 @@ class _CsvFile:
                 rows += 1
                 if isinstance(exc, UnicodeDecodeError):
                     self._undecodable += 1
-                    reason = f"not valid {config.encoding}"
+                    kind, reason = "not_text", f"not valid {config.encoding}"
                 else:
-                    reason = f"not CSV: {exc}"
-                self._reject(previous_end + 1, reason, [])
+                    kind, reason = "not_csv", f"not CSV: {exc}"
+                self._reject(previous_end + 1, kind, reason, [])
                 previous_end = self.line
                 continue
             first_line = previous_end + 1
@@ -553,7 +555,9 @@ class _CsvFile:
                 continue  # a blank line
             rows += 1
             if len(row) != width:
-                self._reject(first_line, f"{len(row)} fields, the header has {width}", row)
+                self._reject(
+                    first_line, "field_count", f"{len(row)} fields, the header has {width}", row
+                )
                 continue
             text = row[time_index]
             try:
@@ -561,6 +565,7 @@ class _CsvFile:
             except (ValueError, OverflowError) as exc:
                 self._reject(
                     first_line,
+                    "bad_timestamp",
                     f"timestamp {text!r} does not match {config.timestamp_format!r}: {exc}",
                     row,
                 )
@@ -568,8 +573,8 @@ class _CsvFile:
             if well_index is not None:
                 well = row[well_index].strip()
                 if not well:
-                    self._reject(first_line, f"the well id ({config.well_id_column}) is empty",
-                                 row)
+                    self._reject(first_line, "no_well_id",
+                                 f"the well id ({config.well_id_column}) is empty", row)
                     continue
             else:
                 assert file_well is not None
@@ -584,10 +589,13 @@ class _CsvFile:
                 except ValueError:
                     if cell and not cell.isspace():
                         del readings[mark:]
-                        self._reject(first_line, f"{tag}: {cell!r} is not a number", row)
+                        self._reject(
+                            first_line, "not_numeric", f"{tag}: {cell!r} is not a number", row
+                        )
                         break
                     value = None  # an empty cell: no value
                 append(Reading(well, parameter, timestamp, value, unit, good, tag))
+        chunk.rejected, self._rejected = self._rejected, Counter()
         progress.rows += rows
         progress.offset = self._file.tell()
         progress.line = self.line
@@ -792,6 +800,7 @@ class FileWatcher:
             log.error("file_watcher %s: %s rejected: %s", config.name, name, exc)
             await asyncio.to_thread(_write_file_rejection, report_path, str(exc))
             progress.rejected = 1
+            sink.reject("bad_file")
         else:
             # Parsing runs in a worker thread (file I/O, and the event loop stays responsive);
             # one chunk is in memory at a time. (Parsing the next chunk while the buffer
@@ -806,6 +815,8 @@ class FileWatcher:
                         )
                     await sink.emit(chunk.readings, {WATERMARK_KEY: progress.dump()})
                     readings += len(chunk.readings)
+                    for kind, count in chunk.rejected.items():
+                        sink.reject(kind, count)
                     if chunk.done:
                         break
             finally:

@@ -117,6 +117,9 @@ async def test_csv_drops_reach_postgres_once_each(
     ) == len(drops.expected)
     with (archive / "WELL-003_0700.rejected.csv").open(newline="") as rejected:
         assert [row[0] for row in list(csv.reader(rejected))[1:]] == ["5", "150"]
+    assert agent.metrics.value(
+        "ingestion_source_records_rejected_total", source="csv_watcher", reason="bad_timestamp"
+    ) == 2
 
     # Files arriving while the agent is down are read when it starts again.
     drops.drop("WELL-001_0800.csv", "WELL-001", 2_500, 400)

@@ -181,6 +181,9 @@ async def test_bad_rows_are_rejected_with_line_numbers_and_the_rest_is_read(
     assert reasons[10] == "not valid utf-8-sig"
     assert reasons[11] == "6 fields, the header has 5"
     assert reasons[12] == "not CSV: field larger than field limit (131072)"
+    # Counted by reason for the agent's metric (ingestion_source_records_rejected_total).
+    assert sink.rejected == {"field_count": 2, "bad_timestamp": 1, "not_numeric": 1,
+                             "no_well_id": 1, "not_text": 1, "not_csv": 1}
     # The rejected report keeps the header and the row, so it can be fixed and dropped again.
     with report.rejected_report.open(newline="") as rejected:
         table = list(csv.reader(rejected))
@@ -213,6 +216,7 @@ async def test_a_file_that_cannot_be_read_is_rejected_whole(
     with report.rejected_report.open(newline="") as rejected:
         assert list(csv.reader(rejected)) == [["line", "reason"], ["0", reason]]
     assert report.archived.exists() and not source.exists()
+    assert sink.rejected == {"bad_file": 1}
     # Its end was recorded like any other file's.
     assert '"complete":true' in sink.watermarks[WATERMARK_KEY]
 

@@ -292,6 +292,7 @@ async def test_bad_payloads_are_counted_skipped_and_logged_once_per_episode(
         "not_json": 3, "not_an_object": 2, "bad_timestamp": 1, "not_numeric": 1,
         "missing_field": 1, "not_sparkplug": 1,
     }
+    assert sink.rejected == stats.problems  # the agent's ingestion_source_records_rejected_total
     warnings = [r.getMessage() for r in caplog.records if "bad payload" in r.getMessage()]
     # A: one episode, then good, then a second; B: one episode; the Sparkplug topic: one.
     assert [w.split(": ")[1] for w in warnings] == [

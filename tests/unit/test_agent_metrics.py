@@ -28,6 +28,7 @@ EXPECTED: dict[str, tuple[str, frozenset[str]]] = {
     "ingestion_data_points_dead_lettered_total": ("counter", frozenset({"tenant_id"})),
     "ingestion_dead_letter_batches": ("gauge", frozenset({"tenant_id"})),
     "ingestion_readings_skipped_total": ("counter", frozenset({"source", "reason"})),
+    "ingestion_source_records_rejected_total": ("counter", frozenset({"source", "reason"})),
     "ingestion_data_points_out_of_range_total": ("counter", frozenset({"source"})),
     "ingestion_upload_errors_total": ("counter", frozenset({"code"})),
     "ingestion_last_upload_success_timestamp_seconds": ("gauge", frozenset()),
@@ -55,6 +56,7 @@ def touch_every_metric(metrics: AgentMetrics, amount: float = 1.0) -> None:
     metrics.points_dead_lettered.labels(tenant_id=tenant).inc(amount)
     metrics.dead_letter_batches.labels(tenant_id=tenant).set(amount)
     metrics.readings_skipped.labels(source="opc", reason="not_finite").inc(amount)
+    metrics.records_rejected.labels(source="csv", reason="not_numeric").inc(amount)
     metrics.points_out_of_range.labels(source="opc").inc(amount)
     metrics.upload_errors.labels(code="UNAVAILABLE").inc(amount)
     metrics.last_upload_success.set(1_700_000_000)

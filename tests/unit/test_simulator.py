@@ -228,6 +228,9 @@ class MemorySink:
     async def watermark(self, key: str) -> str | None:
         return self.watermarks.get(key)
 
+    def reject(self, reason: str, count: int = 1) -> None:
+        raise AssertionError(f"{count} records rejected ({reason})")
+
 
 async def run_for(sim: Simulator, sink: MemorySink, seconds: float) -> None:
     task = asyncio.create_task(sim.run(sink))

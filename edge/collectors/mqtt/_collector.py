@@ -231,7 +231,7 @@ class Mqtt:
             while len(messages) and len(batch) < MAX_MESSAGES_PER_EMIT:
                 batch.append(await anext(messages))
             await self._restore_nodes(batch, sink)
-            readings, watermarks, rebirths = self._process(batch)
+            readings, watermarks, rebirths = self._process(batch, sink)
             if readings or watermarks:
                 await sink.emit(readings, watermarks)
             for message in batch:
@@ -266,9 +266,10 @@ class Mqtt:
                     )
 
     def _process(
-        self, batch: Sequence[aiomqtt.Message]
+        self, batch: Sequence[aiomqtt.Message], sink: ReadingSink
     ) -> tuple[list[Reading], dict[str, str], list[tuple[str, str, str]]]:
-        """The readings of ``batch``, the watermarks they move, and the rebirths to request."""
+        """The readings of ``batch``, the watermarks they move, and the rebirths to request;
+        the payloads' problems are counted on ``sink``."""
         readings: list[Reading] = []
         newest: dict[str, datetime] = {}
         rebirths: list[tuple[str, str, str]] = []
@@ -289,6 +290,8 @@ class Mqtt:
             stats.ignored.update(mapped.ignored)
             if mapped.problems:
                 stats.problems.update(mapped.problems)
+                for reason, count in mapped.problems.items():
+                    sink.reject(reason, count)
                 stats.bad_payloads += 1
                 self._bad(topic, mapped.detail)
             else:
