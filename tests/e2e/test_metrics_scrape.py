@@ -139,6 +139,7 @@ def agent_checks() -> dict[str, Check]:
         "ingestion_data_points_dead_lettered": zero("ingestion_data_points_dead_lettered"),
         "ingestion_dead_letter_batches": within("ingestion_dead_letter_batches", 0, 0),
         "ingestion_readings_skipped": zero("ingestion_readings_skipped"),
+        "ingestion_source_records_rejected": zero("ingestion_source_records_rejected"),
         "ingestion_data_points_out_of_range": zero("ingestion_data_points_out_of_range"),
         "ingestion_collector_up": within("ingestion_collector_up", 1, 1, source="sim"),
         "ingestion_collector_restarts": zero("ingestion_collector_restarts"),
