@@ -136,7 +136,10 @@ async def test_opcua_to_postgres_point_for_point_across_an_agent_restart(
     try:
         config = _config(tmp_path / "agent.yaml", server, tenant, client, opcua)
         now = datetime.now(UTC)
-        t0 = now.replace(microsecond=now.microsecond // 1000 * 1000) + timedelta(seconds=1)
+        # Half a millisecond past a millisecond: no value of the series falls on a whole
+        # second, which the test server's SQLite history (asyncua's) stores as text without a
+        # fraction and then cannot read back (sqlite3's timestamp converter).
+        t0 = now.replace(microsecond=now.microsecond // 1000 * 1000 + 500) + timedelta(seconds=1)
         expected: set[Identity] = set()
 
         # 1. Live: the agent subscribes; a first value per tag shows it has.

@@ -358,9 +358,11 @@ class Supervisor:
 
 
 def base_time() -> datetime:
-    # Whole milliseconds: what every OPC UA stack keeps exactly.
+    # Whole milliseconds and a half: exact in OPC UA's 100 ns ticks, and never on a whole
+    # second, which asyncua's SQLite history stores as text without a fraction and then cannot
+    # read back (sqlite3's timestamp converter).
     now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000 + 500)
 
 
 # --- values --------------------------------------------------------------------------------------
